@@ -1,0 +1,376 @@
+"""The store protocol and the bucket arithmetic, written once.
+
+A store keeps buckets (level, last update, current period, lifetime spend) and open
+reservations (leases). Every store runs the same three operations atomically:
+
+* **reserve** all of a call's charges, all or nothing;
+* **settle** one reservation with what the call really cost, exactly once;
+* **sweep** reservations whose lease expired (the process died between reserve and
+  settle). The rule: an expired reservation is charged at the reserved amount and
+  reported as ``expired``.
+
+:class:`MemoryStore` and :class:`SQLiteStore` apply the pure functions below inside a
+lock or a transaction; the Redis store runs the same rules as Lua scripts (the contract
+suite checks they agree).
+
+Bucket rules:
+
+* A new bucket starts full (``level == capacity``).
+* Continuous refill adds ``refill_per_second * elapsed`` up to capacity.
+* A calendar period resets the bucket to full when a new period starts.
+* Reservations take from the level; settlement refunds the difference (to the lender
+  first) or charges the excess to the borrower's own bucket, which may go negative:
+  later calls then wait for refill. Refunds of a reservation made in an earlier period
+  are dropped (that period is over); excess charges land in the current one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "BucketSpec",
+    "BucketState",
+    "Charge",
+    "Denial",
+    "ExpiredLease",
+    "Held",
+    "ReserveRequest",
+    "ReserveResult",
+    "Store",
+    "apply_reserve",
+    "apply_settle",
+    "refresh",
+    "retry_after",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """What a store needs to know about one bucket to do its arithmetic.
+
+    Attributes:
+        key: Unique bucket key (budget name + scope); stores escape or hash it.
+        capacity: The budget's limit.
+        refill_per_second: Continuous refill rate (0 for none).
+        period_start: Start of the current calendar period as seen by the caller's clock,
+            or ``None`` when the budget has no period.
+        period_end: End of that period. A store whose clock is past it treats
+            ``period_end`` as the current period's start (client clocks may lag).
+    """
+
+    key: str
+    capacity: float
+    refill_per_second: float = 0.0
+    period_start: float | None = None
+    period_end: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """An amount to take from one bucket, optionally borrowing the shortfall from a pool."""
+
+    bucket: BucketSpec
+    amount: float
+    lender: BucketSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    """All charges of one model call, reserved together or not at all.
+
+    Attributes:
+        id: Unique reservation id (the guard uses the model run's id).
+        charges: One charge per applicable budget.
+        lease_seconds: How long the reservation may stay unsettled before a sweep
+            charges it at the reserved amount.
+        meta: Opaque JSON text kept with the lease (for reporting expired leases).
+    """
+
+    id: str
+    charges: tuple[Charge, ...]
+    lease_seconds: float = 600.0
+    meta: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a reservation was refused: the first charge that could not be covered."""
+
+    index: int
+    key: str
+    requested: float
+    available: float
+    retry_after: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredLease:
+    """A reservation settled by a sweep because its lease ran out."""
+
+    id: str
+    amounts: tuple[float, ...]
+    meta: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """Outcome of :meth:`Store.reserve`."""
+
+    ok: bool
+    denial: Denial | None = None
+    expired: tuple[ExpiredLease, ...] = ()
+
+
+class BucketState:
+    """Mutable state of one bucket."""
+
+    __slots__ = ("level", "period_start", "spent", "updated_at")
+
+    def __init__(self, level: float, updated_at: float, period_start: float | None, spent: float = 0.0) -> None:
+        self.level = level
+        self.updated_at = updated_at
+        self.period_start = period_start
+        self.spent = spent
+
+    def copy(self) -> BucketState:
+        """Return an independent copy."""
+        return BucketState(self.level, self.updated_at, self.period_start, self.spent)
+
+    def __repr__(self) -> str:
+        return f"BucketState(level={self.level!r}, updated_at={self.updated_at!r}, period_start={self.period_start!r}, spent={self.spent!r})"
+
+
+@dataclass(slots=True)
+class Held:
+    """What one charge of an open reservation holds, per bucket.
+
+    ``took`` and ``lent`` are the amounts taken from the bucket and from the lender;
+    ``period`` and ``lender_period`` the period each was taken in.
+    """
+
+    bucket: BucketSpec
+    lender: BucketSpec | None
+    took: float
+    lent: float
+    period: float | None
+    lender_period: float | None
+
+    @property
+    def total(self) -> float:
+        """The whole amount reserved by this charge."""
+        return self.took + self.lent
+
+
+def _current_period(spec: BucketSpec, now: float) -> float | None:
+    if spec.period_start is None:
+        return None
+    if spec.period_end is not None and now >= spec.period_end:
+        return spec.period_end
+    return spec.period_start
+
+
+def refresh(state: BucketState | None, spec: BucketSpec, now: float) -> BucketState:
+    """Bring a bucket up to ``now``: period reset, then continuous refill.
+
+    Args:
+        state: The stored state, or ``None`` for a bucket never used (it starts full).
+        spec: The bucket's configuration.
+        now: The store's current time.
+
+    Returns:
+        The same object (mutated) or a new full bucket.
+    """
+    period = _current_period(spec, now)
+    if state is None:
+        return BucketState(spec.capacity, now, period)
+    if period is not None and (state.period_start is None or period > state.period_start):
+        state.level = spec.capacity
+        state.period_start = period
+        state.updated_at = now
+        return state
+    elapsed = now - state.updated_at
+    if elapsed > 0:
+        if spec.refill_per_second > 0 and state.level < spec.capacity:
+            state.level = min(spec.capacity, state.level + spec.refill_per_second * elapsed)
+        state.updated_at = now
+    if state.level > spec.capacity:  # the limit was lowered since the bucket was written
+        state.level = spec.capacity
+    return state
+
+
+def retry_after(state: BucketState, spec: BucketSpec, amount: float, now: float) -> float | None:
+    """Seconds until ``state`` (already refreshed) can cover ``amount``, or ``None``.
+
+    The sooner of continuous refill and the next period reset counts; an amount larger
+    than the capacity can never be covered.
+    """
+    need = amount - state.level
+    if need <= 0:
+        return 0.0
+    if amount > spec.capacity + 1e-9:
+        return None
+    options: list[float] = []
+    if spec.refill_per_second > 0:
+        options.append(need / spec.refill_per_second)
+    if spec.period_end is not None:
+        end = spec.period_end
+        if now >= end:  # our clock is already in the next period; its end is unknown
+            end = math.inf
+        options.append(max(end - now, 0.0))
+    finite = [o for o in options if math.isfinite(o)]
+    return min(finite) if finite else None
+
+
+StateGetter = Callable[[BucketSpec], BucketState]
+
+
+def apply_reserve(get: StateGetter, charges: Sequence[Charge], now: float) -> list[Held] | Denial:
+    """Take every charge from its bucket (borrowing the shortfall), or refuse.
+
+    ``get`` returns the (refreshed, mutable) state for a spec; the same object must be
+    returned for the same key so charges on a shared bucket see each other. On a denial
+    the caller discards the states it fetched (they were mutated only by refresh).
+
+    Returns:
+        The amounts held per charge, or the :class:`Denial` of the first charge that
+        cannot be covered.
+    """
+    planned: dict[str, float] = {}  # key -> amount taken so far by this request
+    held: list[Held] = []
+    for index, charge in enumerate(charges):
+        state = get(charge.bucket)
+        avail = max(state.level - planned.get(charge.bucket.key, 0.0), 0.0)
+        took, lent = charge.amount, 0.0
+        lender_state: BucketState | None = None
+        if avail < charge.amount:
+            short = charge.amount - avail
+            if charge.lender is not None:
+                lender_state = get(charge.lender)
+                lender_avail = max(lender_state.level - planned.get(charge.lender.key, 0.0), 0.0)
+            else:
+                lender_avail = 0.0
+            if lender_avail < short:
+                wait = retry_after(state, charge.bucket, charge.amount, now)
+                if charge.lender is not None and lender_state is not None:
+                    lender_wait = retry_after(lender_state, charge.lender, short, now)
+                    wait = None if wait is None and lender_wait is None else min(
+                        w for w in (wait, lender_wait) if w is not None
+                    )
+                return Denial(index, charge.bucket.key, charge.amount, avail + lender_avail, wait)
+            took, lent = avail, short
+        planned[charge.bucket.key] = planned.get(charge.bucket.key, 0.0) + took
+        if lent:
+            assert charge.lender is not None
+            planned[charge.lender.key] = planned.get(charge.lender.key, 0.0) + lent
+        held.append(
+            Held(
+                charge.bucket,
+                charge.lender if lent else None,
+                took,
+                lent,
+                state.period_start,
+                lender_state.period_start if lender_state is not None and lent else None,
+            )
+        )
+    for h in held:
+        get(h.bucket).level -= h.took
+        if h.lender is not None:
+            get(h.lender).level -= h.lent
+    return held
+
+
+def apply_settle(get: StateGetter, held: Sequence[Held], actuals: Sequence[float] | None) -> tuple[float, ...]:
+    """Settle a reservation: refund or charge the difference, and count the spend.
+
+    Args:
+        get: Returns the refreshed, mutable state for a spec.
+        held: What the reservation holds, per charge.
+        actuals: What the call really cost per charge (same order), or ``None`` to
+            charge exactly the reserved amounts (the expired-lease rule).
+
+    Returns:
+        The amounts finally charged per charge.
+    """
+    finals: list[float] = []
+    for i, h in enumerate(held):
+        final = h.total if actuals is None else float(actuals[i])
+        delta = final - h.total
+        state = get(h.bucket)
+        lent_final = h.lent
+        if delta < 0:
+            refund = -delta
+            back_to_lender = min(refund, h.lent)
+            lent_final = h.lent - back_to_lender
+            if h.lender is not None and back_to_lender:
+                lender = get(h.lender)
+                if lender.period_start == h.lender_period:
+                    lender.level = min(h.lender.capacity, lender.level + back_to_lender)
+            rest = refund - back_to_lender
+            if rest and state.period_start == h.period:
+                state.level = min(h.bucket.capacity, state.level + rest)
+        elif delta > 0:
+            state.level -= delta
+        state.spent += final - lent_final
+        if h.lender is not None and lent_final:
+            get(h.lender).spent += lent_final
+        finals.append(final)
+    return tuple(finals)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where buckets and leases live. Every method is atomic; async twins never block.
+
+    Implementations: :class:`~budgetguard.stores.MemoryStore`,
+    :class:`~budgetguard.stores.SQLiteStore`, :class:`~budgetguard.stores.RedisStore`.
+    """
+
+    def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Reserve every charge of ``request`` or none; also sweeps expired leases."""
+        ...
+
+    def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
+        """Settle a reservation once; ``False`` if unknown or already settled."""
+        ...
+
+    def snapshot(self, spec: BucketSpec) -> BucketState:
+        """The bucket as of now (read-only; a never-used bucket reads full)."""
+        ...
+
+    def sweep(self) -> tuple[ExpiredLease, ...]:
+        """Settle every reservation whose lease has expired, at its reserved amount."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+    async def areserve(self, request: ReserveRequest) -> ReserveResult:
+        """Async :meth:`reserve`."""
+        ...
+
+    async def asettle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
+        """Async :meth:`settle`."""
+        ...
+
+    async def asnapshot(self, spec: BucketSpec) -> BucketState:
+        """Async :meth:`snapshot`."""
+        ...
+
+    async def asweep(self) -> tuple[ExpiredLease, ...]:
+        """Async :meth:`sweep`."""
+        ...
+
+
+def specs_by_key(held: Sequence[Held]) -> Mapping[str, BucketSpec]:
+    """Every bucket spec a reservation touches, by key."""
+    out: dict[str, BucketSpec] = {}
+    for h in held:
+        out[h.bucket.key] = h.bucket
+        if h.lender is not None:
+            out[h.lender.key] = h.lender
+    return out
