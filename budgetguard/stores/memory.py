@@ -99,9 +99,13 @@ class MemoryStore:
         """Settle once; later calls for the same id return ``False`` and change nothing."""
         now = self.clock.now()
         with self._lock:
-            entry = self._open.pop(reservation_id, None)
+            entry = self._open.get(reservation_id)
             if entry is None:
                 return False
+            if actuals is not None and len(actuals) < len(entry[0]):
+                msg = f"settle({reservation_id!r}) got {len(actuals)} amounts for {len(entry[0])} charges"
+                raise ValueError(msg)
+            del self._open[reservation_id]
             touched: dict[str, BucketState] = {}
             apply_settle(self._getter(now, touched), entry[0], actuals)
             self._buckets.update(touched)

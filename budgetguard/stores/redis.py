@@ -1,0 +1,494 @@
+"""Redis store: buckets and leases on a Redis server that many machines share.
+
+Every operation is one round trip: a Lua script (``lua/*.lua``, registered once and run
+with EVALSHA) that reads the server's clock, sweeps due leases and applies the same
+rules as :mod:`.base`. Time comes from Redis (``TIME``), so client clocks do not matter;
+clients only send the period bounds their calendars computed.
+
+Key layout (one hash tag, so every script works on Redis Cluster)::
+
+    {ns}:bucket:<sha256 hex of the bucket key>   hash: l level, u updated_at,
+                                                   p period_start, s spent, k readable key
+    {ns}:leases                                  hash: reservation id -> lease (msgpack)
+    {ns}:expiry                                  zset: reservation id by expiry (server time)
+
+Bucket keys are hashed, so no scope value (``:``, ``{``, newlines, ...) can reach into
+another key. Keys carry no TTL: run Redis with ``maxmemory-policy noeviction`` (or a
+``volatile-*`` policy) so that budgets are never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import itertools
+import json
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+from redis import exceptions as rexc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from budgetguard.errors import ConfigurationError, StoreUnavailable
+from budgetguard.stores._retry import RetryPolicy, redact_url
+from budgetguard.stores.base import (
+    BucketSpec,
+    BucketState,
+    Denial,
+    ExpiredLease,
+    ReserveRequest,
+    ReserveResult,
+)
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+_OK = ReserveResult(True)
+
+# Errors that mean "Redis cannot serve us now"; the first group is worth a quick retry.
+_TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY")
+_FATAL_REPLIES = ("OOM", "MISCONF", "NOPERM", "NOAUTH", "WRONGPASS")
+
+
+@functools.cache
+def _lua(name: str) -> str:
+    return resources.files("budgetguard.stores").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class _Scripts:
+    """The scripts registered on one client (sync or async)."""
+
+    reserve: Any
+    settle: Any
+    snapshot: Any
+    sweep: Any
+
+
+def _register(client: Any) -> _Scripts:
+    # Each script is lib.lua (the shared arithmetic) followed by its own body.
+    names = ("reserve.lua", "settle.lua", "snapshot.lua", "sweep.lua")
+    return _Scripts(*(client.register_script(_lua("lib.lua") + "\n" + _lua(name)) for name in names))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _expired(items: Sequence[Any]) -> tuple[ExpiredLease, ...]:
+    out = []
+    for i in range(0, len(items), 3):
+        amounts = _text(items[i + 2])
+        out.append(
+            ExpiredLease(
+                _text(items[i]), tuple(float(a) for a in amounts.split(",")) if amounts else (), _text(items[i + 1])
+            )
+        )
+    return tuple(out)
+
+
+def _arg(value: float | None) -> float | str:
+    return "" if value is None else value
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class RedisStore:
+    """Buckets and leases on Redis, shared by every process that points at it.
+
+    Args:
+        url_or_client: A ``redis://``, ``rediss://`` or ``unix://`` URL, or a
+            ``redis.Redis`` client (its own timeouts and retries then apply), or a
+            ``redis.asyncio.Redis`` client for an async-only store.
+        async_client: The ``redis.asyncio.Redis`` client for the async methods. When the
+            store is built from a URL, one is created lazily per event loop; when only a
+            sync client is given, the async methods run it in a worker thread.
+        namespace: Prefix (and Redis Cluster hash tag) of every key; stores with different
+            namespaces on one server never see each other's buckets.
+        socket_timeout: Seconds to wait for a reply (URL only): a hung server then raises
+            :class:`~budgetguard.errors.StoreUnavailable` instead of hanging the call.
+        socket_connect_timeout: Seconds to wait for a connection (URL only).
+        retry: How transient errors (connection lost, server loading) are retried.
+        client_options: More keyword arguments for ``redis.Redis.from_url``.
+
+    Raises:
+        ConfigurationError: A bad namespace or argument type.
+
+    Example:
+        >>> store = RedisStore("redis://localhost:6379/0", namespace="myapp")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis | redis.asyncio.Redis,
+        *,
+        async_client: redis.asyncio.Redis | None = None,
+        namespace: str = "budgetguard",
+        socket_timeout: float = 5.0,
+        socket_connect_timeout: float = 2.0,
+        retry: RetryPolicy | None = None,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace or any(c in namespace for c in "{}\r\n"):
+            msg = f"namespace must be a non-empty string without braces or newlines, got {namespace!r}"
+            raise ConfigurationError(msg)
+        self.namespace = namespace
+        self.retry = retry or RetryPolicy()
+        self._url: str | None = None
+        self._client: redis.Redis | None = None
+        self._aclient: redis.asyncio.Redis | None = async_client
+        if isinstance(url_or_client, str):
+            self._url = url_or_client
+            self._options = {
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": socket_connect_timeout,
+                # budgetguard retries itself (RetryPolicy); redis-py's default would back
+                # off for seconds before we could report the outage.
+                "retry": Retry(NoBackoff(), 0),
+                **(client_options or {}),
+            }
+            self.where = redact_url(url_or_client)
+        elif isinstance(url_or_client, redis.asyncio.Redis):
+            if async_client is not None:
+                msg = "pass the asyncio client either as url_or_client or as async_client, not both"
+                raise ConfigurationError(msg)
+            self._aclient = url_or_client
+            self.where = _describe_client(url_or_client)
+        elif isinstance(url_or_client, redis.Redis):
+            self._client = url_or_client
+            self.where = _describe_client(url_or_client)
+        else:
+            msg = f"RedisStore needs a redis:// URL or a redis.Redis client, got {type(url_or_client).__name__}"
+            raise ConfigurationError(msg)
+        if self._aclient is not None and not isinstance(self._aclient, redis.asyncio.Redis):
+            msg = f"async_client must be a redis.asyncio.Redis, got {type(self._aclient).__name__}"
+            raise ConfigurationError(msg)
+        prefix = "{" + namespace + "}:"
+        self._prefix = prefix + "bucket:"
+        self._leases = prefix + "leases"
+        self._expiry = prefix + "expiry"
+        self._key_cache: dict[str, str] = {}
+        self._spec_cache: dict[BucketSpec, str] = {}
+        self._lock = threading.Lock()
+        self._scripts: _Scripts | None = None
+        self._ascripts: _Scripts | None = None
+        # Per event loop (URL mode): an asyncio client cannot cross loops.
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, _Scripts]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Nonces let a retried reserve recognise its own lease if the reply was lost.
+        self._nonce_prefix = os.urandom(6).hex()
+        self._nonces = itertools.count()
+
+    # -- clients --------------------------------------------------------------------
+
+    @property
+    def client(self) -> redis.Redis:
+        """The sync client (created on first use when built from a URL)."""
+        if self._client is None:
+            if self._url is None:
+                msg = (
+                    "this RedisStore was built from an asyncio client only; use the async methods or pass a redis.Redis"
+                )
+                raise ConfigurationError(msg)
+            with self._lock:
+                if self._client is None:
+                    self._client = redis.Redis.from_url(self._url, **self._options)
+        return self._client
+
+    def _sync_scripts(self) -> _Scripts:
+        scripts = self._scripts
+        if scripts is None:
+            scripts = self._scripts = _register(self.client)
+        return scripts
+
+    def _async_scripts(self) -> tuple[redis.asyncio.Redis, _Scripts] | None:
+        if self._aclient is not None:
+            if self._ascripts is None:
+                self._ascripts = _register(self._aclient)
+            return self._aclient, self._ascripts
+        if self._url is None:
+            return None  # sync client only: async methods use a worker thread
+        loop = asyncio.get_running_loop()
+        pair = self._loops.get(loop)
+        if pair is None:
+            client = redis.asyncio.Redis.from_url(self._url, **self._options)
+            pair = (client, _register(client))
+            self._loops[loop] = pair
+        return pair
+
+    # -- errors ---------------------------------------------------------------------
+
+    @staticmethod
+    def _is_unavailable(exc: BaseException) -> bool:
+        if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
+            return True
+        return isinstance(exc, rexc.ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES + _FATAL_REPLIES)
+
+    @staticmethod
+    def _is_transient(exc: BaseException) -> bool:
+        if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)):
+            return False
+        if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
+            return True
+        return isinstance(exc, rexc.ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
+
+    def _describe(self, exc: BaseException) -> StoreUnavailable:
+        where = f"Redis store {self.where} (namespace {self.namespace!r})"
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, (rexc.AuthenticationError, rexc.AuthorizationError)) or text.startswith(
+            ("NOAUTH", "WRONGPASS", "NOPERM")
+        ):
+            hint = "check the username and password in the URL and the user's ACL (it needs EVALSHA, SCRIPT LOAD)"
+        elif isinstance(exc, rexc.TimeoutError):
+            hint = (
+                "the server did not answer within socket_timeout; check its load (SLOWLOG, a long-running "
+                "script, a full disk) and the network, or raise socket_timeout"
+            )
+        elif text.startswith("OOM"):
+            hint = "Redis reached maxmemory; free memory or raise maxmemory (and keep maxmemory-policy noeviction)"
+        elif text.startswith("MISCONF"):
+            hint = "Redis cannot persist its data (see its log); fix the disk or its save settings"
+        elif text.startswith(_TRANSIENT_REPLIES):
+            hint = "the server is loading, failing over or busy; it should recover shortly"
+        else:
+            hint = "check that redis-server is running and reachable from this host (host, port, TLS, firewall)"
+        return StoreUnavailable(f"{where} is unavailable: {text}; {hint}")
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        return self.retry.call(
+            fn, is_transient=self._is_transient, is_unavailable=self._is_unavailable, describe=self._describe
+        )
+
+    async def _arun(self, fn: Callable[[], Awaitable[T]]) -> T:
+        return await self.retry.acall(
+            fn, is_transient=self._is_transient, is_unavailable=self._is_unavailable, describe=self._describe
+        )
+
+    # -- encoding -------------------------------------------------------------------
+
+    def bucket_key(self, key: str) -> str:
+        """The Redis key holding bucket ``key`` (``{namespace}:bucket:<sha256 hex>``)."""
+        rkey = self._key_cache.get(key)
+        if rkey is None:
+            rkey = self._prefix + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            if len(self._key_cache) >= 100_000:
+                self._key_cache.clear()
+            self._key_cache[key] = rkey
+        return rkey
+
+    def _spec_json(self, spec: BucketSpec) -> str:
+        text = self._spec_cache.get(spec)
+        if text is None:
+            ps, pe = spec.period_start, spec.period_end
+            text = _dumps(
+                [
+                    spec.key,
+                    spec.capacity,
+                    spec.refill_per_second,
+                    False if ps is None else ps,
+                    False if pe is None else pe,
+                ]
+            )
+            if len(self._spec_cache) >= 10_000:
+                self._spec_cache.clear()
+            self._spec_cache[spec] = text
+        return text
+
+    def _reserve_args(self, request: ReserveRequest) -> tuple[list[str], list[str]]:
+        # KEYS[2 + j] belongs to spec j; the request travels as one JSON argument that the
+        # script decodes in C (far cheaper than dozens of arguments on both ends).
+        keys = [self._leases, self._expiry]
+        specs: list[str] = []
+        flat: list[Any] = []
+        index: dict[BucketSpec, int] = {}
+        for charge in request.charges:
+            for spec in (charge.bucket, charge.lender):
+                if spec is None:
+                    flat.append(0)
+                    continue
+                j = index.get(spec)
+                if j is None:
+                    keys.append(self.bucket_key(spec.key))
+                    specs.append(self._spec_json(spec))
+                    j = index[spec] = len(specs)
+                flat.append(j)
+                if spec is charge.bucket:
+                    flat.append(float(charge.amount))
+        nonce = f"{self._nonce_prefix}{next(self._nonces)}"
+        head = _dumps([request.id, nonce, float(request.lease_seconds), request.meta])
+        return keys, [f"{head[:-1]},[{','.join(specs)}],{_dumps(flat)}]"]
+
+    @staticmethod
+    def _reserve_result(request: ReserveRequest, reply: Any) -> ReserveResult:
+        if not isinstance(reply, list):
+            if reply == 2:
+                msg = f"reservation id {request.id!r} is already open"
+                raise ValueError(msg)
+            return _OK  # 1 reserved, 3 the replay of a reservation whose reply was lost
+        status = reply[0]
+        expired = _expired(reply[4:])
+        if status == 2:
+            msg = f"reservation id {request.id!r} is already open"
+            raise ValueError(msg)
+        if status != 0:
+            return ReserveResult(True, None, expired)
+        index = int(reply[1])
+        charge = request.charges[index]
+        wait = _text(reply[3])
+        return ReserveResult(
+            False,
+            Denial(index, charge.bucket.key, charge.amount, float(reply[2]), float(wait) if wait else None),
+            expired,
+        )
+
+    def _settle_args(self, reservation_id: str, actuals: Sequence[float] | None) -> tuple[list[str], list[str]]:
+        body = [reservation_id, False if actuals is None else [float(a) for a in actuals]]
+        return [self._leases, self._expiry], [_dumps(body)]
+
+    def _snapshot_args(self, spec: BucketSpec) -> tuple[list[str], list[Any]]:
+        return [self.bucket_key(spec.key)], [
+            spec.capacity,
+            spec.refill_per_second,
+            _arg(spec.period_start),
+            _arg(spec.period_end),
+        ]
+
+    @staticmethod
+    def _state(reply: bytes | str) -> BucketState:
+        level, updated, period, spent = _text(reply).split(" ")
+        return BucketState(float(level), float(updated), None if period == "-" else float(period), float(spent))
+
+    @staticmethod
+    def _settled(reply: Any) -> bool:
+        return bool(reply)
+
+    # -- protocol -------------------------------------------------------------------
+
+    def reserve(self, request: ReserveRequest) -> ReserveResult:
+        """Reserve all charges or none in one round trip; also sweeps expired leases.
+
+        Raises:
+            ValueError: A reservation with this id is open.
+            StoreUnavailable: Redis cannot be reached (after brief retries).
+        """
+        keys, args = self._reserve_args(request)
+        script = self._sync_scripts().reserve
+        return self._reserve_result(request, self._run(lambda: script(keys, args)))
+
+    def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
+        """Settle once in one round trip; ``False`` if unknown, settled or swept.
+
+        Raises:
+            ValueError: ``actuals`` has fewer amounts than the reservation has charges
+                (nothing is changed).
+        """
+        keys, args = self._settle_args(reservation_id, actuals)
+        script = self._sync_scripts().settle
+        try:
+            return self._settled(self._run(lambda: script(keys, args)))
+        except rexc.ResponseError as exc:
+            raise _settle_error(exc) from exc
+
+    def snapshot(self, spec: BucketSpec) -> BucketState:
+        """Return the bucket as of the server's now (full if never used); read-only."""
+        keys, args = self._snapshot_args(spec)
+        script = self._sync_scripts().snapshot
+        return self._state(self._run(lambda: script(keys, args)))
+
+    def sweep(self) -> tuple[ExpiredLease, ...]:
+        """Settle due leases at their reserved amounts (at most 500 per call)."""
+        script = self._sync_scripts().sweep
+        return _expired(self._run(lambda: script([self._leases, self._expiry], [])))
+
+    def open_reservations(self) -> int:
+        """How many reservations are reserved and not yet settled or swept."""
+        return int(self._run(lambda: self.client.hlen(self._leases)))
+
+    def close(self) -> None:
+        """Close the sync client if this store created it (async clients: :meth:`aclose`)."""
+        if self._url is not None and self._client is not None:
+            client, self._client, self._scripts = self._client, None, None
+            client.close()
+
+    async def areserve(self, request: ReserveRequest) -> ReserveResult:
+        """Async :meth:`reserve` on the asyncio client."""
+        pair = self._async_scripts()
+        if pair is None:
+            return await asyncio.to_thread(self.reserve, request)
+        keys, args = self._reserve_args(request)
+        script = pair[1].reserve
+        return self._reserve_result(request, await self._arun(lambda: script(keys, args)))
+
+    async def asettle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
+        """Async :meth:`settle` on the asyncio client."""
+        pair = self._async_scripts()
+        if pair is None:
+            return await asyncio.to_thread(self.settle, reservation_id, actuals)
+        keys, args = self._settle_args(reservation_id, actuals)
+        script = pair[1].settle
+        try:
+            return self._settled(await self._arun(lambda: script(keys, args)))
+        except rexc.ResponseError as exc:
+            raise _settle_error(exc) from exc
+
+    async def asnapshot(self, spec: BucketSpec) -> BucketState:
+        """Async :meth:`snapshot` on the asyncio client."""
+        pair = self._async_scripts()
+        if pair is None:
+            return await asyncio.to_thread(self.snapshot, spec)
+        keys, args = self._snapshot_args(spec)
+        script = pair[1].snapshot
+        return self._state(await self._arun(lambda: script(keys, args)))
+
+    async def asweep(self) -> tuple[ExpiredLease, ...]:
+        """Async :meth:`sweep` on the asyncio client."""
+        pair = self._async_scripts()
+        if pair is None:
+            return await asyncio.to_thread(self.sweep)
+        script = pair[1].sweep
+        return _expired(await self._arun(lambda: script([self._leases, self._expiry], [])))
+
+    async def aclose(self) -> None:
+        """Close the clients this store created (the current loop's asyncio client too)."""
+        self.close()
+        if self._url is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - called outside a loop
+            return
+        pair = self._loops.pop(loop, None)
+        if pair is not None:
+            await pair[0].aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.where!r}, namespace={self.namespace!r})"
+
+
+def _settle_error(exc: rexc.ResponseError) -> Exception:
+    text = str(exc)
+    if "budgetguard:" in text:
+        return ValueError(text[text.index("budgetguard:") :])
+    return exc
+
+
+def _describe_client(client: Any) -> str:
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+    except AttributeError:  # pragma: no cover - cluster clients
+        return repr(client)
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

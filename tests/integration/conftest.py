@@ -1,0 +1,10 @@
+"""Integration fixtures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redis_server import redis_server  # noqa: F401  (session fixture: a private redis-server)

@@ -1,0 +1,185 @@
+"""End to end with the real ``langchain_openai`` clients over real HTTP to a local endpoint.
+
+The stub server counts prompt tokens with cl100k the way OpenAI documents, so for a
+cl100k model (gpt-4) the guard's estimate must equal what the server reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_openai import ChatOpenAI, OpenAI
+from pydantic import BaseModel
+
+from budgetguard import Budget, BudgetExceeded, BudgetGuard, ContextWindowExceeded
+from budgetguard.policies import cheaper_model, compress_prompt
+from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, StubOpenAIServer
+
+PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assistant."), ("human", "{q}")])
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[StubOpenAIServer]:
+    with StubOpenAIServer(reply_tokens=30) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _fresh(server: StubOpenAIServer) -> None:
+    server.reset()
+    server.context_windows = dict(DEFAULT_CONTEXT_WINDOWS)
+    server.stream_usage = None
+
+
+def chat(server: StubOpenAIServer, model: str = "gpt-4", **kw: Any) -> ChatOpenAI:
+    kw.setdefault("max_tokens", 50)
+    return ChatOpenAI(model=model, base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+
+
+def long_history(turns: int) -> list:
+    msgs: list = [SystemMessage("You review logs.")]
+    for i in range(turns):
+        msgs += [HumanMessage(f"turn {i} " + "log line with details " * 60), AIMessage("noted " * 50)]
+    msgs.append(HumanMessage("What is the root cause?"))
+    return msgs
+
+
+async def test_estimate_equals_the_servers_count_and_reconciles_to_it(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    msg = await run.invoke(guard | (PROMPT | chat(server)), {"q": "What is a token bucket?"})
+    req = server.requests[-1]
+    info = msg.response_metadata["budgetguard"]
+    assert info["estimated_input_tokens"] == req.prompt_tokens
+    assert info["estimated_output_tokens"] == 50
+    assert guard.remaining("g") == 10_000 - (req.prompt_tokens + req.completion_tokens)
+    assert req.body["max_completion_tokens"] == 50
+
+
+async def test_o200k_model_estimate_is_a_safe_upper_bound(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    msg = await run.invoke(guard | (PROMPT | chat(server, "gpt-4o-mini")), {"q": "Explain leases."})
+    assert msg.response_metadata["budgetguard"]["estimated_input_tokens"] >= server.requests[-1].prompt_tokens
+
+
+async def test_denied_call_never_reaches_the_server(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("per-user", limit=40, per="user_id")])
+    with pytest.raises(BudgetExceeded, match=r"budget 'per-user' \(user_id=alice\) cannot cover this call"):
+        await run.invoke(guard | (PROMPT | chat(server)), {"q": "hi"}, {"configurable": {"user_id": "alice"}})
+    assert server.request_count == 0
+
+
+async def test_stream_settles_from_the_usage_chunk(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    chunks = await run.stream(guard | (PROMPT | chat(server, stream_usage=True)), {"q": "stream please"})
+    req = server.requests[-1]
+    assert req.body["stream_options"] == {"include_usage": True}
+    assert "".join(c.content for c in chunks)
+    assert guard.remaining("g") == 10_000 - (req.prompt_tokens + req.completion_tokens)
+
+
+async def test_stream_without_usage_is_counted_from_the_text(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    await run.stream(guard | (PROMPT | chat(server)), {"q": "stream please"})
+    req = server.requests[-1]
+    assert "stream_options" not in req.body
+    # cl100k model: the estimate and the count of the streamed text match the server exactly
+    assert guard.remaining("g") == 10_000 - (req.prompt_tokens + req.completion_tokens)
+
+
+async def test_broken_stream_settles_what_arrived_and_leaks_nothing(run: Any, server: StubOpenAIServer) -> None:
+    from budgetguard.testing import ScriptedResponse
+
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    server.enqueue(ScriptedResponse(break_after=3))
+    with pytest.raises(openai.APIConnectionError):
+        await run.stream(guard | (PROMPT | chat(server)), {"q": "stream please"})
+    assert guard.store.open_reservations() == 0
+    spent = 10_000 - guard.remaining("g")
+    assert server.requests[-1].prompt_tokens < spent < server.requests[-1].prompt_tokens + 50
+
+
+async def test_rate_limited_call_releases_its_reservation(run: Any, server: StubOpenAIServer) -> None:
+    from budgetguard.testing import ScriptedResponse
+
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    server.enqueue(ScriptedResponse(status=429))
+    with pytest.raises(openai.RateLimitError):
+        await run.invoke(guard | (PROMPT | chat(server)), {"q": "hi"})
+    assert guard.remaining("g") == 10_000
+    assert guard.store.open_reservations() == 0
+
+
+async def test_too_long_prompt_is_refused_before_sending(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000_000)])
+    with pytest.raises(ContextWindowExceeded):
+        await run.invoke(guard | chat(server, "gpt-4"), long_history(30))
+    assert server.request_count == 0
+
+
+async def test_too_long_prompt_is_compressed_and_no_400_is_ever_received(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000_000)], policies=[compress_prompt("trim")])
+    history = long_history(30)
+    msg = await run.invoke(guard | chat(server, "gpt-4"), history)
+    assert [r.status for r in server.requests] == [200]
+    sent = server.requests[-1]
+    assert sent.prompt_tokens + 50 <= 8192
+    assert sent.body["messages"][0]["content"] == "You review logs."
+    assert sent.body["messages"][-1]["content"] == "What is the root cause?"
+    assert msg.response_metadata["budgetguard"]["policy"] == "compress"
+
+
+async def test_too_long_prompt_is_routed_to_a_larger_context_model(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000_000)], policies=[cheaper_model({"gpt-4": ["gpt-4o-mini"]})])
+    msg = await run.invoke(guard | chat(server, "gpt-4"), long_history(30))
+    assert [(r.model, r.status) for r in server.requests] == [("gpt-4o-mini", 200)]
+    assert msg.response_metadata["budgetguard"]["model"] == "gpt-4o-mini"
+
+
+class Answer(BaseModel):
+    """A structured answer."""
+
+    text: str
+
+
+async def test_cheaper_model_keeps_tools_and_structured_output(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("usd", limit=0.002, unit="usd")], policies=[cheaper_model({"gpt-4o": ["gpt-4o-mini"]})])
+    server.default_reply = '{"text": "fine"}'
+
+    def lookup(city: str) -> str:
+        """Look up the weather of a city."""
+        return city
+
+    tooled = guard | (PROMPT | chat(server, "gpt-4o", max_tokens=400).bind_tools([lookup]))
+    await run.invoke(tooled, {"q": "weather?"})
+    req = server.requests[-1]
+    assert req.model == "gpt-4o-mini"
+    assert req.body["tools"][0]["function"]["name"] == "lookup"
+
+    structured = guard | (PROMPT | chat(server, "gpt-4o", max_tokens=400).with_structured_output(Answer))
+    out = await run.invoke(structured, {"q": "answer?"})
+    req = server.requests[-1]
+    assert req.model == "gpt-4o-mini"
+    assert "response_format" in req.body or "tools" in req.body
+    assert out == Answer(text="fine")
+    server.default_reply = None
+
+
+async def test_budget_too_small_for_the_expensive_model_is_served_by_the_cheaper_one(
+    run: Any, server: StubOpenAIServer
+) -> None:
+    guard = BudgetGuard([Budget("usd", limit=0.003, unit="usd")], policies=[cheaper_model({"gpt-4o": ["gpt-4o-mini"]})])
+    await run.invoke(guard | (PROMPT | chat(server, "gpt-4o", max_tokens=1000)), {"q": "hi"})
+    assert [r.model for r in server.requests] == ["gpt-4o-mini"]
+
+
+async def test_completions_llm_is_metered(run: Any, server: StubOpenAIServer) -> None:
+    guard = BudgetGuard([Budget("g", limit=10_000)])
+    llm = OpenAI(model="gpt-3.5-turbo-instruct", base_url=server.base_url, api_key="sk-test", max_retries=0, max_tokens=20)
+    await run.invoke(guard | llm, "Say something")
+    req = server.requests[-1]
+    assert guard.remaining("g") == 10_000 - (req.prompt_tokens + req.completion_tokens)
