@@ -54,8 +54,10 @@ class BudgetGuard:
         estimator: Counts prompt tokens and picks the output reservation.
         policies: Overflow policies tried in order when a call cannot be reserved or does
             not fit its model's context window (see :mod:`budgetguard.policies`).
-        ledger: Where every call is recorded (:class:`~budgetguard.ledger.Ledger`), or
-            ``None`` for no ledger.
+        ledger: Where every call is recorded: a :class:`~budgetguard.ledger.Ledger`, a
+            file path (SQLite, or JSONL for ``.jsonl``), ``None`` for the process-wide
+            default ledger at :func:`~budgetguard.ledger.default_ledger_path` (opened on
+            first use), or ``False`` for no ledger.
         alerts: Soft thresholds and denial hooks (:class:`~budgetguard.alerts.Alerts`).
         lease_seconds: How long a reservation may stay unsettled before any process's
             sweep charges it at the reserved amount (a crashed worker's calls).
@@ -97,7 +99,9 @@ class BudgetGuard:
         self.prices = prices if prices is not None else PriceTable.bundled()
         self.estimator = estimator if estimator is not None else TokenEstimator()
         self.policies: tuple[OverflowPolicy, ...] = tuple(policies)
-        self.ledger = ledger
+        from budgetguard.recording import resolve_ledger
+
+        self._ledger = resolve_ledger(ledger)
         self.alerts = alerts
         if not (isinstance(lease_seconds, (int, float)) and math.isfinite(lease_seconds) and lease_seconds > 0):
             msg = f"lease_seconds must be a positive number of seconds, got {lease_seconds!r}"
@@ -350,6 +354,19 @@ class BudgetGuard:
             await self.store.asettle(ticket.id, actuals)
         self.after_settle(ticket, usage, actuals, outcome, error)
 
+    @property
+    def ledger(self) -> Any:
+        """The guard's :class:`~budgetguard.ledger.Ledger`, or ``None``."""
+        return self.ledger_sink()
+
+    def ledger_sink(self) -> Any:
+        """The ledger to write to (the default one is opened on first use)."""
+        if self._ledger == "default":
+            from budgetguard.recording import default_ledger
+
+            self._ledger = default_ledger()
+        return self._ledger
+
     def hand_off(self, ticket: Ticket) -> str:
         """Park a ticket reserved by the model wrapper until its run's meter adopts it."""
         self._handoff[ticket.id] = ticket
@@ -369,7 +386,7 @@ class BudgetGuard:
         outcome: str,
         error: BaseException | None,
     ) -> None:
-        """Log the settled call (the ledger and alerts hook in here)."""
+        """Log, record and check alerts for a settled call."""
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "budgetguard: %s %s reserved %s, used %s (%s)",
@@ -379,10 +396,24 @@ class BudgetGuard:
                 {ln.budget.name: round(a, 6) for ln, a in zip(ticket.lines, actuals)},
                 "fail-open" if ticket.fail_open else "settled",
             )
+        if self._ledger is not None:
+            from budgetguard.recording import record_settled
+
+            record_settled(self, ticket, usage, outcome, error)
+        if self.alerts is not None and not ticket.fail_open:
+            from budgetguard.recording import observe_alerts
+
+            observe_alerts(self, ticket)
 
     def on_denied(self, call: Call, error: BudgetExceeded) -> None:
-        """Log a denied call (the ledger and alerts hook in here)."""
+        """Log, record and report a denied call."""
         logger.info("budgetguard: denied %s: %s", call.model, error)
+        if self._ledger is not None:
+            from budgetguard.recording import record_denied
+
+            record_denied(self, call, error)
+        if self.alerts is not None:
+            self.alerts.denied(error)
 
     def on_expired(self, expired: Iterable[ExpiredLease]) -> None:
         """Log leases that expired unsettled (charged at their reserved amounts)."""
@@ -390,6 +421,10 @@ class BudgetGuard:
             logger.warning(
                 "budgetguard: reservation %s expired unsettled; charged the reserved %s", lease.id, lease.amounts
             )
+            if self._ledger is not None:
+                from budgetguard.recording import record_expired
+
+                record_expired(self, lease)
 
 
 def _validate_budgets(budgets: Sequence[Budget]) -> dict[str, Budget]:

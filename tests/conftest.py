@@ -69,3 +69,11 @@ def run(mode: str) -> Runner:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_default_ledger(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Guards built without a ledger write to the default one: keep it out of $HOME."""
+    import os
+
+    os.environ["BUDGETGUARD_LEDGER"] = str(tmp_path_factory.mktemp("ledger") / "default.sqlite3")

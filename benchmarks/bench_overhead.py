@@ -1,0 +1,354 @@
+"""Benchmark the per-call overhead of ``guard | chain`` against the bare chain.
+
+Run by hand (not a test)::
+
+    /work/venv/bin/python benchmarks/bench_overhead.py [--rounds 15] [--calls 300] [--no-profile]
+
+The chain is ``ChatPromptTemplate`` (a ~250-token system prompt + a human template) piped into
+``UsageFakeChatModel(max_tokens=64)``: an in-process chat model with no latency, so everything
+measured is Python overhead. Every call formats a new question (a fresh order number), as real
+traffic does: the system prompt is the same text each call, the human message is new text.
+
+Cases, measured in one run, in interleaved rounds (the order rotates each round, so machine
+drift hits every case alike); each call is timed with ``perf_counter_ns`` and the figure is the
+median over all calls of all rounds:
+
+1. ``base``: ``(prompt | model).invoke``.
+2. ``noop-cb``: the same with a no-op ``BaseCallbackHandler`` in ``config["callbacks"]`` (what
+   LangChain's callback machinery alone costs once any handler is attached).
+3. ``guard``: ``guard | (prompt | model)`` with ``BudgetGuard([Budget("g", limit=1e12)])``,
+   in-memory store, no ledger. Target: <= 1.15x ``base``.
+4. ``guard+user``: 3 plus a per-user budget (``per="user_id"``, ``configurable.user_id``).
+5. ``abase`` / ``aguard``: ``ainvoke`` of 1 and 3 on one event loop.
+
+Then (unless ``--no-profile``) case 3 is profiled twice: (a) budgetguard's entry points and
+inner steps are wrapped with timers (inclusive microseconds per call), (b) pyinstrument (if
+installed) samples a run and the time spent under budgetguard frames is summed per function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import langchain_core
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.prompts import ChatPromptTemplate
+
+import budgetguard.meter as meter_mod
+from budgetguard import Budget, BudgetGuard
+from budgetguard.testing.fake_models import UsageFakeChatModel
+
+SYSTEM = (
+    "You are a meticulous customer-support assistant for Northwind Books, an online bookshop. "
+    "Answer in at most three short paragraphs. Always quote the order number when the customer "
+    "gives one, never invent delivery dates, and never promise refunds: refund requests above "
+    "200 euros go to a human agent. Use British spelling, keep a friendly but professional tone, "
+    "and end with one concrete next step. If the question is not about books, orders, shipping, "
+    "returns or the customer's account, say politely that you can only help with the shop. Our "
+    "return window is 30 days from delivery; e-books cannot be returned once downloaded. Shipping "
+    "to the EU takes 3-5 working days, to the rest of the world 7-14. Gift cards never expire. "
+    "Prices include VAT for EU customers; customers elsewhere may pay import duties on delivery, "
+    "which we cannot refund. Pre-orders are charged on dispatch, and a customer can cancel a "
+    "pre-order at any time before that. Signed editions are final sale. When a customer is upset, "
+    "acknowledge the problem in one sentence before solving it. Never ask for full card numbers."
+)
+QUESTIONS = (
+    "Where is my order {n}? It was due on Monday.",
+    "Can I return order {n}? The cover arrived torn.",
+    "I was charged twice for order {n}, please help.",
+    "Does order {n} include the signed edition I paid for?",
+    "How do I cancel pre-order {n} before it ships?",
+)
+REPLIES = [
+    "I'm sorry about the delay. I have opened a trace with the courier; you will hear from us "
+    "within 24 hours. Next step: keep an eye on your inbox.",
+    "Of course. Please reply with a photo of the damage and I will arrange a replacement.",
+]
+
+log = print
+
+
+class NoOpHandler(BaseCallbackHandler):
+    """Handles every event by doing nothing (LangChain's defaults)."""
+
+
+def build() -> dict[str, Any]:
+    prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("human", "{question}")])
+    model = UsageFakeChatModel(max_tokens=64, replies=REPLIES)
+    chain = prompt | model
+    try:
+        guard = BudgetGuard([Budget("g", limit=1e12)], ledger=False)
+        guard_u = BudgetGuard([Budget("g", limit=1e12), Budget("u", limit=1e12, per="user_id")], ledger=False)
+    except Exception:  # noqa: BLE001 - an older BudgetGuard that only takes None
+        guard = BudgetGuard([Budget("g", limit=1e12)], ledger=None)
+        guard_u = BudgetGuard([Budget("g", limit=1e12), Budget("u", limit=1e12, per="user_id")], ledger=None)
+    noop_cfg = {"callbacks": [NoOpHandler()]}
+    user_cfg = {"configurable": {"user_id": "alice"}}
+    guarded = guard | chain
+    guarded_u = guard_u | chain
+    sync_cases: dict[str, Callable[[Any], Any]] = {
+        "base": chain.invoke,
+        "noop-cb": lambda x: chain.invoke(x, noop_cfg),
+        "guard": guarded.invoke,
+        "guard+user": lambda x: guarded_u.invoke(x, user_cfg),
+    }
+    async_cases: dict[str, Callable[[Any], Any]] = {"abase": chain.ainvoke, "aguard": guarded.ainvoke}
+    return {
+        "prompt": prompt, "model": model, "chain": chain, "guard": guard, "guard_u": guard_u,
+        "guarded": guarded, "sync": sync_cases, "async": async_cases,
+    }
+
+
+_counter = [0]
+
+
+def inputs(n: int) -> list[dict[str, str]]:
+    out = []
+    for _ in range(n):
+        _counter[0] += 1
+        k = _counter[0]
+        out.append({"question": QUESTIONS[k % len(QUESTIONS)].format(n=100_000 + k)})
+    return out
+
+
+def time_sync(fn: Callable[[Any], Any], xs: list[Any]) -> list[int]:
+    pc = time.perf_counter_ns
+    out = []
+    for x in xs:
+        t0 = pc()
+        fn(x)
+        out.append(pc() - t0)
+    return out
+
+
+async def time_async(fn: Callable[[Any], Any], xs: list[Any]) -> list[int]:
+    pc = time.perf_counter_ns
+    out = []
+    for x in xs:
+        t0 = pc()
+        await fn(x)
+        out.append(pc() - t0)
+    return out
+
+
+def sanity(env: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+    """The guarded chains really reserve and settle; the bare ones are untouched."""
+    x = inputs(1)[0]
+    for name, fn in (("guard", env["sync"]["guard"]), ("guard+user", env["sync"]["guard+user"])):
+        msg = fn(x)
+        assert "budgetguard" in msg.response_metadata, f"{name}: the guard did not meter the call"
+    msg = loop.run_until_complete(env["async"]["aguard"](x))
+    assert "budgetguard" in msg.response_metadata, "aguard: the guard did not meter the call"
+    assert "budgetguard" not in env["sync"]["base"](x).response_metadata
+    assert env["guard"].remaining("g") < 1e12
+    assert env["guard_u"].remaining("u", user_id="alice") < 1e12
+
+
+def reset_model(env: dict[str, Any]) -> None:
+    env["model"].seen_messages.clear()
+    env["model"].seen_max_tokens.clear()
+
+
+def measure(env: dict[str, Any], rounds: int, calls: int, warmup: int) -> dict[str, list[int]]:
+    loop = asyncio.new_event_loop()
+    sanity(env, loop)
+    names = [*env["sync"], *env["async"]]
+    samples: dict[str, list[int]] = {n: [] for n in names}
+    round_medians: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(-warmup, rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            xs = inputs(calls)
+            reset_model(env)
+            gc.collect()
+            if name in env["sync"]:
+                ts = time_sync(env["sync"][name], xs)
+            else:
+                ts = loop.run_until_complete(time_async(env["async"][name], xs))
+            if r >= 0:
+                samples[name].extend(ts)
+                round_medians[name].append(statistics.median(ts))
+    loop.close()
+    assert env["guard"].store.open_reservations() == 0, "a reservation was left open"
+    env["round_medians"] = round_medians
+    return samples
+
+
+def report(env: dict[str, Any], samples: dict[str, list[int]]) -> None:
+    med = {n: statistics.median(v) / 1000 for n, v in samples.items()}
+    rmed = env["round_medians"]
+    spread = {n: (min(v) / 1000, max(v) / 1000) for n, v in rmed.items()}
+    refs = {"abase": "abase", "aguard": "abase"}
+    log()
+    log(f"{'case':<12} {'median us/call':>15} {'vs base':>8} {'vs own base':>12}   round medians min-max (us)")
+    for n, m in med.items():
+        own = refs.get(n, "base")
+        lo, hi = spread[n]
+        log(f"{n:<12} {m:>15.1f} {m / med['base']:>7.3f}x {m / med[own]:>11.3f}x   {lo:.1f}-{hi:.1f}")
+    log()
+    log(f"guard over base:     +{med['guard'] - med['base']:.1f} us/call (target ratio <= 1.15: "
+        f"{'met' if med['guard'] / med['base'] <= 1.15 else 'MISSED'})")
+    log(f"  LangChain callback machinery (noop-cb - base): +{med['noop-cb'] - med['base']:.1f} us")
+    log(f"  the rest (guard - noop-cb):                     +{med['guard'] - med['noop-cb']:.1f} us")
+    log(f"aguard over abase:   +{med['aguard'] - med['abase']:.1f} us/call")
+    log(f"guard+user over guard: +{med['guard+user'] - med['guard']:.1f} us/call")
+
+
+# -- profiling ---------------------------------------------------------------------------
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.total: dict[str, int] = defaultdict(int)
+        self.count: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        pc, total, count = time.perf_counter_ns, self.total, self.count
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = pc()
+            try:
+                return fn(*a, **k)
+            finally:
+                total[name] += pc() - t0
+                count[name] += 1
+
+        return timed
+
+
+def profile_timers(env: dict[str, Any], calls: int) -> None:
+    """Inclusive time of budgetguard's entry points and steps, per guarded call."""
+    from budgetguard.meter import Invocation, SyncMeter
+    from budgetguard.tickets import Ticket
+
+    t = Timers()
+    patches: list[tuple[Any, str, Any]] = []
+
+    def patch(obj: Any, attr: str, name: str) -> None:
+        patches.append((obj, attr, obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr)))
+        setattr(obj, attr, t.wrap(name, getattr(obj, attr)))
+
+    guard = BudgetGuard([Budget("g", limit=1e12)])
+    est, store = guard.estimator, guard.store
+    patch(meter_mod, "meters_for", "config factory: meter.meters_for")
+    patch(SyncMeter, "on_chat_model_start", "meter.SyncMeter.on_chat_model_start")
+    patch(SyncMeter, "on_llm_end", "meter.SyncMeter.on_llm_end")
+    patch(Invocation, "call_for", "  meter.Invocation.call_for")
+    patch(est, "estimate", "    estimate.TokenEstimator.estimate")
+    patch(guard, "reserve", "  guard.BudgetGuard.reserve")
+    patch(guard, "lines_for", "    guard.BudgetGuard.lines_for")
+    patch(guard, "_request", "    guard.BudgetGuard._request")
+    patch(Ticket, "meta_json", "      tickets.Ticket.meta_json")
+    patch(store, "reserve", "    stores.memory.MemoryStore.reserve")
+    patch(Invocation, "outcome", "  meter.Invocation.outcome")
+    patch(guard, "settle", "  guard.BudgetGuard.settle")
+    patch(store, "settle", "    stores.memory.MemoryStore.settle")
+    patch(Invocation, "decorate", "  meter.Invocation.decorate")
+    try:
+        guarded = guard | env["chain"]  # built after the patch: the factory looks meters_for up here
+        for x in inputs(300):
+            guarded.invoke(x)
+        t.total.clear()
+        t.count.clear()
+        reset_model(env)
+        xs = inputs(calls)
+        t0 = time.perf_counter_ns()
+        for x in xs:
+            guarded.invoke(x)
+        wall = (time.perf_counter_ns() - t0) / calls / 1000
+    finally:
+        for obj, attr, orig in reversed(patches):
+            if isinstance(obj, type) or obj is meter_mod:
+                setattr(obj, attr, orig)
+            else:
+                delattr(obj, attr)
+    log()
+    log(f"(a) timers, {calls} guarded calls ({wall:.1f} us/call wall, timers included; each timer adds ~0.2 us "
+        "to itself and its callers). Inclusive us per call:")
+    for name in t.total:
+        log(f"    {name:<45} {t.total[name] / calls / 1000:7.2f}   (x{t.count[name] / calls:g}/call)")
+    own = sum(t.total[n] for n in t.total if not n.startswith(" "))
+    log(f"    {'sum of the entry points (budgetguard code)':<45} {own / calls / 1000:7.2f}")
+
+
+def profile_sampling(env: dict[str, Any], calls: int) -> None:
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        log("\n(b) pyinstrument not installed; skipped")
+        return
+    guarded = env["guarded"]
+    xs = inputs(calls)
+    reset_model(env)
+    prof = Profiler(interval=0.0001)
+    prof.start()
+    for x in xs:
+        guarded.invoke(x)
+    session = prof.stop()
+    root = session.root_frame()
+    total_s = root.time
+    pkg = str(Path(meter_mod.__file__).resolve().parent)
+    by_fn: dict[str, float] = defaultdict(float)
+    outer: dict[str, float] = defaultdict(float)
+
+    def walk(frame: Any, inside: frozenset[str], in_pkg: bool) -> None:
+        path = frame.file_path or ""
+        mine = path.startswith(pkg)
+        key = f"{Path(path).stem}.{frame.function}" if mine else ""
+        if mine and key not in inside:
+            by_fn[key] += frame.time
+            if not in_pkg:
+                outer[key] += frame.time
+        for child in frame.children:
+            walk(child, inside | {key} if mine else inside, in_pkg or mine)
+
+    walk(root, frozenset(), False)
+    per = 1e6 / calls
+    log()
+    log(f"(b) pyinstrument, {calls} guarded calls, {total_s * per:.1f} us/call sampled in all.")
+    log(f"    time under budgetguard frames (outermost): {sum(outer.values()) * per:.1f} us/call")
+    for k, v in sorted(outer.items(), key=lambda kv: -kv[1]):
+        log(f"      {k:<50} {v * per:7.2f}")
+    log("    inclusive time of budgetguard functions (top 20):")
+    for k, v in sorted(by_fn.items(), key=lambda kv: -kv[1])[:20]:
+        log(f"      {k:<50} {v * per:7.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    ap.add_argument("--profile-calls", type=int, default=3000)
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    # gpt-4o-mini wants o200k, which cannot be downloaded here: cl100k + 10% is used (same cost).
+    warnings.simplefilter("ignore", UserWarning)
+    logging.getLogger("budgetguard").setLevel(logging.ERROR)
+
+    env = build()
+    log(f"Python {platform.python_version()}, langchain-core {langchain_core.__version__}, "
+        f"{args.rounds} rounds x {args.calls} calls per case (+{args.warmup} warm-up round)")
+    samples = measure(env, args.rounds, args.calls, args.warmup)
+    report(env, samples)
+    if not args.no_profile:
+        profile_timers(env, args.profile_calls)
+        profile_sampling(env, args.profile_calls)
+
+
+if __name__ == "__main__":
+    main()

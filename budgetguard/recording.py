@@ -1,0 +1,220 @@
+"""What the guard writes down: ledger records and alert checks for every metered call.
+
+Kept apart from the guard so the call path only pays for what is configured: with no
+ledger and no alerts these functions are never called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from budgetguard.tickets import Call, Ticket
+
+if TYPE_CHECKING:
+    from budgetguard.errors import BudgetExceeded
+    from budgetguard.guard import BudgetGuard
+    from budgetguard.ledger import Ledger
+    from budgetguard.stores.base import ExpiredLease
+    from budgetguard.usage import Usage
+
+__all__ = ["record_denied", "record_expired", "record_settled", "resolve_ledger"]
+
+logger = logging.getLogger("budgetguard")
+
+_DEFAULT: Ledger | None = None
+_DEFAULT_LOCK = threading.Lock()
+_INTERNAL_PREFIXES = ("budgetguard", "ls_", "lc_", "langgraph_", "checkpoint_")
+
+
+def default_ledger() -> Ledger | None:
+    """The process-wide ledger at :func:`budgetguard.ledger.default_ledger_path`, opened once.
+
+    Returns ``None`` (after one warning) when it cannot be opened, so a read-only home
+    directory never breaks model calls.
+    """
+    global _DEFAULT  # noqa: PLW0603
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            from budgetguard.ledger import Ledger, default_ledger_path
+
+            path = default_ledger_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _DEFAULT = Ledger(path)
+            except Exception as exc:  # noqa: BLE001  (any failure: keep calls working)
+                logger.warning("budgetguard: cannot open the default ledger %s (%s); not recording", path, exc)
+                return None
+        return _DEFAULT
+
+
+def resolve_ledger(ledger: Any) -> Any:
+    """``None`` → the default ledger (lazily), ``False`` → none, a path → a ledger there."""
+    if ledger is None:
+        return "default"
+    if ledger is False:
+        return None
+    if isinstance(ledger, (str, os.PathLike)):
+        from budgetguard.ledger import Ledger
+
+        return Ledger(ledger)
+    return ledger
+
+
+def _user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metadata.items() if not k.startswith(_INTERNAL_PREFIXES)}
+
+
+def _cost(guard: BudgetGuard, model: str | None, inp: float, out: float, cached: float = 0) -> float | None:
+    info = guard.prices.get(model) if model else None
+    if info is None or info.input_cost_per_token is None:
+        return None
+    return info.cost(int(inp), int(out), int(cached))
+
+
+def _record(guard: BudgetGuard, call: Call, budgets: Sequence[str], **fields: Any) -> None:
+    from budgetguard.ledger import LedgerRecord
+
+    ledger = guard.ledger_sink()
+    if ledger is None:
+        return
+    est = call.estimate
+    ledger.record(
+        LedgerRecord(
+            run_id=str(call.run_id),
+            root_run_id=str(call.root_run_id) if call.root_run_id else None,
+            parent_run_id=str(call.parent_run_id) if call.parent_run_id else None,
+            scope=dict(merged_scope_of(call)),
+            tags=tuple(call.tags),
+            metadata=_user_metadata(call.metadata),
+            model_requested=call.model_requested or call.model,
+            policy=call.policy,
+            estimated_input_tokens=est.input_tokens,
+            estimated_output_tokens=est.output_tokens,
+            reserved_usd=_cost(guard, call.model, est.input_tokens, est.output_tokens),
+            budgets=tuple(budgets),
+            **fields,
+        )
+    )
+
+
+def merged_scope_of(call: Call) -> dict[str, str]:
+    """Every scope value of a call (``{"user_id": "alice"}``)."""
+    out: dict[str, str] = {}
+    for scope in call.scopes.values():
+        out.update(scope)
+    return out
+
+
+def record_settled(
+    guard: BudgetGuard,
+    ticket: Ticket,
+    usage: Usage | None,
+    outcome: str,
+    error: BaseException | None,
+) -> None:
+    """Record a settled call (ok, fell back, compressed, error)."""
+    call = ticket.call
+    u = usage
+    _record(
+        guard,
+        call,
+        [ln.budget.name for ln in ticket.lines],
+        ts=ticket.started,
+        model_used=call.model,
+        outcome=outcome,
+        input_tokens=u.input_tokens if u else 0,
+        output_tokens=u.output_tokens if u else 0,
+        cached_input_tokens=u.cached_input_tokens if u else 0,
+        reasoning_tokens=u.reasoning_tokens if u else 0,
+        cost_usd=_cost(guard, call.model, u.input_tokens, u.output_tokens, u.cached_input_tokens) if u else 0.0,
+        latency_s=max(guard.clock.now() - ticket.started, 0.0),
+        error=str(error) if error is not None else None,
+    )
+
+
+def record_denied(guard: BudgetGuard, call: Call, error: BudgetExceeded) -> None:
+    """Record a call the guard refused."""
+    _record(
+        guard,
+        call,
+        [error.budget],
+        ts=guard.clock.now(),
+        model_used=None,
+        outcome="denied",
+        input_tokens=0,
+        output_tokens=0,
+        cached_input_tokens=0,
+        reasoning_tokens=0,
+        cost_usd=0.0,
+        latency_s=None,
+        error=str(error),
+    )
+
+
+def record_expired(guard: BudgetGuard, lease: ExpiredLease) -> None:
+    """Record a reservation whose lease expired unsettled (charged as reserved)."""
+    from budgetguard.ledger import LedgerRecord
+
+    ledger = guard.ledger_sink()
+    if ledger is None:
+        return
+    try:
+        meta = json.loads(lease.meta) if lease.meta else {}
+    except ValueError:
+        meta = {}
+    est_in, est_out = (meta.get("est") or [0, 0])[:2]
+    scope: dict[str, str] = {}
+    for s in (meta.get("scopes") or {}).values():
+        scope.update(s)
+    model = meta.get("model")
+    ledger.record(
+        LedgerRecord(
+            ts=guard.clock.now(),
+            run_id=lease.id,
+            root_run_id=None,
+            parent_run_id=None,
+            scope=scope,
+            tags=tuple(meta.get("tags") or ()),
+            metadata={},
+            model_requested=model,
+            model_used=model,
+            policy=None,
+            outcome="expired",
+            estimated_input_tokens=int(est_in),
+            estimated_output_tokens=int(est_out),
+            input_tokens=int(est_in),
+            output_tokens=int(est_out),
+            cached_input_tokens=0,
+            reasoning_tokens=0,
+            cost_usd=_cost(guard, model, est_in, est_out),
+            reserved_usd=_cost(guard, model, est_in, est_out),
+            latency_s=None,
+            budgets=tuple(meta.get("budgets") or ()),
+            error="lease expired before the call was settled; charged the reserved amount",
+        )
+    )
+
+
+def observe_alerts(guard: BudgetGuard, ticket: Ticket) -> None:
+    """Check the soft thresholds of every bucket a settled call touched."""
+    now = guard.clock.now()
+    for ln in ticket.lines:
+        left = guard.remaining(ln.budget.name, **ln.scope)
+        bounds = ln.budget.period_bounds(now)
+        guard.alerts.observe(
+            budget=ln.budget.name,
+            scope=dict(ln.scope),
+            used=ln.budget.limit - left,
+            limit=ln.budget.limit,
+            unit=ln.budget.unit,
+            period_start=bounds[0] if bounds else None,
+            now=now,
+        )
+
+
+__all__ += ["default_ledger", "merged_scope_of", "observe_alerts"]

@@ -1,0 +1,40 @@
+"""`budgetguard demo` tells the story it promises (offline, with the real ChatOpenAI client)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from budgetguard.demo import run_demo
+from budgetguard.ledger import open_ledger
+
+
+def test_demo_transcript_shows_every_decision(tmp_path: Path, capsys) -> None:
+    out = io.StringIO()
+    ledger = tmp_path / "demo.sqlite3"
+    assert run_demo(out, ledger_path=str(ledger)) == 0
+    text = out.getvalue() + capsys.readouterr().out
+    assert "tokens reserved" in text and "refunded" in text
+    assert "bob was charged" in text  # streaming settled from the streamed text
+    assert "team-pool 1,428" in text or "team-pool 1," in text  # the pool lent
+    assert "refused before sending (requests sent: 0)" in text
+    assert "BudgetExceeded: budget 'per-user' (user_id=carol) cannot cover this call" in text
+    assert "answered by gpt-4o-mini (policy: cheaper_model)" in text
+    assert "context-length errors received: 0" in text
+    rows = {r["user"]: r for r in (row.to_dict() for row in open_ledger(ledger).totals(by="user"))}
+    assert set(rows) >= {"alice", "bob", "carol", "dave", "erin"}
+    assert rows["carol"]["denied"] == 1
+
+
+def test_cli_status_reads_a_guard(tmp_path: Path, monkeypatch, capsys) -> None:
+    from budgetguard.cli import main
+
+    (tmp_path / "myguards.py").write_text(
+        "from budgetguard import BudgetGuard, Budget\n"
+        "guard = BudgetGuard([Budget('g', limit=500, period='day'), Budget('u', limit=9, per='user_id')], ledger=False)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["status", "myguards:guard", "--scope", "user_id=alice"]) == 0
+    out = capsys.readouterr().out
+    assert "500" in out and "resets" in out and "user_id=alice" in out
+    assert main(["status", "nomodule:guard"]) == 1
