@@ -64,7 +64,8 @@ SYSTEM = (
     "Prices include VAT for EU customers; customers elsewhere may pay import duties on delivery, "
     "which we cannot refund. Pre-orders are charged on dispatch, and a customer can cancel a "
     "pre-order at any time before that. Signed editions are final sale. When a customer is upset, "
-    "acknowledge the problem in one sentence before solving it. Never ask for full card numbers."
+    "acknowledge the problem in one sentence before solving it. For damaged items, ask for a photo "
+    "and the order number, then offer a replacement or a refund. Never ask for full card numbers."
 )
 QUESTIONS = (
     "Where is my order {n}? It was due on Monday.",
@@ -80,6 +81,7 @@ REPLIES = [
 ]
 
 log = print
+DISABLE_GC = False
 
 
 class NoOpHandler(BaseCallbackHandler):
@@ -188,7 +190,7 @@ def measure(env: dict[str, Any], rounds: int, calls: int, warmup: int) -> dict[s
     return samples
 
 
-def report(env: dict[str, Any], samples: dict[str, list[int]]) -> None:
+def report(env: dict[str, Any], samples: dict[str, list[int]]) -> dict[str, float]:
     med = {n: statistics.median(v) / 1000 for n, v in samples.items()}
     rmed = env["round_medians"]
     spread = {n: (min(v) / 1000, max(v) / 1000) for n, v in rmed.items()}
@@ -206,6 +208,7 @@ def report(env: dict[str, Any], samples: dict[str, list[int]]) -> None:
     log(f"  the rest (guard - noop-cb):                     +{med['guard'] - med['noop-cb']:.1f} us")
     log(f"aguard over abase:   +{med['aguard'] - med['abase']:.1f} us/call")
     log(f"guard+user over guard: +{med['guard+user'] - med['guard']:.1f} us/call")
+    return med
 
 
 # -- profiling ---------------------------------------------------------------------------
@@ -232,6 +235,7 @@ class Timers:
 
 def profile_timers(env: dict[str, Any], calls: int) -> None:
     """Inclusive time of budgetguard's entry points and steps, per guarded call."""
+    from budgetguard.guard import GuardedRunnable
     from budgetguard.meter import Invocation, SyncMeter
     from budgetguard.tickets import Ticket
 
@@ -239,12 +243,13 @@ def profile_timers(env: dict[str, Any], calls: int) -> None:
     patches: list[tuple[Any, str, Any]] = []
 
     def patch(obj: Any, attr: str, name: str) -> None:
-        patches.append((obj, attr, obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr)))
+        patches.append((obj, attr, obj.__dict__.get(attr) if isinstance(obj, type) else getattr(obj, attr)))
         setattr(obj, attr, t.wrap(name, getattr(obj, attr)))
 
     guard = BudgetGuard([Budget("g", limit=1e12)])
     est, store = guard.estimator, guard.store
-    patch(meter_mod, "meters_for", "config factory: meter.meters_for")
+    patch(GuardedRunnable, "_merge_configs", "GuardedRunnable._merge_configs (LangChain)")
+    patch(meter_mod, "meters_for", "  config factory: meter.meters_for")
     patch(SyncMeter, "on_chat_model_start", "meter.SyncMeter.on_chat_model_start")
     patch(SyncMeter, "on_llm_end", "meter.SyncMeter.on_llm_end")
     patch(Invocation, "call_for", "  meter.Invocation.call_for")
@@ -266,13 +271,18 @@ def profile_timers(env: dict[str, Any], calls: int) -> None:
         t.count.clear()
         reset_model(env)
         xs = inputs(calls)
+        gc.collect()
+        gc.disable() if DISABLE_GC else None  # attribution only: a collection lands on whichever step runs
         t0 = time.perf_counter_ns()
         for x in xs:
             guarded.invoke(x)
         wall = (time.perf_counter_ns() - t0) / calls / 1000
     finally:
+        gc.enable()
         for obj, attr, orig in reversed(patches):
-            if isinstance(obj, type) or obj is meter_mod:
+            if obj is GuardedRunnable:
+                delattr(obj, attr)
+            elif isinstance(obj, type) or obj is meter_mod:
                 setattr(obj, attr, orig)
             else:
                 delattr(obj, attr)
@@ -281,51 +291,65 @@ def profile_timers(env: dict[str, Any], calls: int) -> None:
         "to itself and its callers). Inclusive us per call:")
     for name in t.total:
         log(f"    {name:<45} {t.total[name] / calls / 1000:7.2f}   (x{t.count[name] / calls:g}/call)")
-    own = sum(t.total[n] for n in t.total if not n.startswith(" "))
-    log(f"    {'sum of the entry points (budgetguard code)':<45} {own / calls / 1000:7.2f}")
+    own = sum(t.total[n] for n in t.total if n.startswith(("meter.", "  config")))
+    log(f"    {'budgetguard code in all (factory + meter hooks)':<45} {own / calls / 1000:7.2f}")
 
 
-def profile_sampling(env: dict[str, Any], calls: int) -> None:
+def profile_sampling(env: dict[str, Any], calls: int, medians: dict[str, float]) -> None:
+    """Sample guarded calls; sum the time under budgetguard frames (not budgetguard.testing)."""
     try:
         from pyinstrument import Profiler
     except ImportError:
         log("\n(b) pyinstrument not installed; skipped")
         return
-    guarded = env["guarded"]
-    xs = inputs(calls)
-    reset_model(env)
-    prof = Profiler(interval=0.0001)
-    prof.start()
-    for x in xs:
-        guarded.invoke(x)
-    session = prof.stop()
-    root = session.root_frame()
-    total_s = root.time
     pkg = str(Path(meter_mod.__file__).resolve().parent)
-    by_fn: dict[str, float] = defaultdict(float)
-    outer: dict[str, float] = defaultdict(float)
+    fake = str(Path(pkg) / "testing")
 
-    def walk(frame: Any, inside: frozenset[str], in_pkg: bool) -> None:
-        path = frame.file_path or ""
-        mine = path.startswith(pkg)
-        key = f"{Path(path).stem}.{frame.function}" if mine else ""
-        if mine and key not in inside:
-            by_fn[key] += frame.time
-            if not in_pkg:
-                outer[key] += frame.time
-        for child in frame.children:
-            walk(child, inside | {key} if mine else inside, in_pkg or mine)
+    def run(name: str) -> None:
+        reset_model(env)
+        xs = inputs(calls)
+        prof = Profiler(interval=0.0005)
+        if name == "aguard":
+            loop = asyncio.new_event_loop()
+            prof.start()
+            loop.run_until_complete(time_async(env["async"]["aguard"], xs))
+            session = prof.stop()
+            loop.close()
+        else:
+            prof.start()
+            time_sync(env["sync"][name], xs)
+            session = prof.stop()
+        root = session.root_frame()
+        by_fn: dict[str, float] = defaultdict(float)
+        outer: dict[str, float] = defaultdict(float)
 
-    walk(root, frozenset(), False)
-    per = 1e6 / calls
-    log()
-    log(f"(b) pyinstrument, {calls} guarded calls, {total_s * per:.1f} us/call sampled in all.")
-    log(f"    time under budgetguard frames (outermost): {sum(outer.values()) * per:.1f} us/call")
-    for k, v in sorted(outer.items(), key=lambda kv: -kv[1]):
-        log(f"      {k:<50} {v * per:7.2f}")
-    log("    inclusive time of budgetguard functions (top 20):")
-    for k, v in sorted(by_fn.items(), key=lambda kv: -kv[1])[:20]:
-        log(f"      {k:<50} {v * per:7.2f}")
+        def walk(frame: Any, inside: frozenset[str], in_pkg: bool) -> None:
+            path = frame.file_path or ""
+            mine = path.startswith(pkg) and not path.startswith(fake)
+            key = f"{Path(path).stem}.{frame.function}" if mine else ""
+            if mine and key not in inside:
+                by_fn[key] += frame.time
+                if not in_pkg:
+                    outer[key] += frame.time
+            for child in frame.children:
+                walk(child, inside | {key} if mine else inside, in_pkg or mine)
+
+        walk(root, frozenset(), False)
+        total = root.time
+        # Sampling slows everything down; shares are scaled to the unprofiled median.
+        scale = medians[name] / total
+        share = sum(outer.values()) / total
+        log()
+        log(f"(b) pyinstrument, {name}, {calls} calls: {share:.1%} of the sampled time is under budgetguard "
+            f"frames = {share * medians[name]:.1f} us of the {medians[name]:.1f} us median call")
+        for k, v in sorted(outer.items(), key=lambda kv: -kv[1]):
+            log(f"      {k:<50} {v * scale:7.1f} us  ({v / total:.1%})")
+        log("    inclusive time of budgetguard functions (top 16), scaled the same way:")
+        for k, v in sorted(by_fn.items(), key=lambda kv: -kv[1])[:16]:
+            log(f"      {k:<50} {v * scale:7.1f} us")
+
+    run("guard")
+    run("aguard")
 
 
 def main() -> None:
@@ -344,10 +368,10 @@ def main() -> None:
     log(f"Python {platform.python_version()}, langchain-core {langchain_core.__version__}, "
         f"{args.rounds} rounds x {args.calls} calls per case (+{args.warmup} warm-up round)")
     samples = measure(env, args.rounds, args.calls, args.warmup)
-    report(env, samples)
+    medians = report(env, samples)
     if not args.no_profile:
         profile_timers(env, args.profile_calls)
-        profile_sampling(env, args.profile_calls)
+        profile_sampling(env, args.profile_calls, medians)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ def _usd(x: float) -> str:
 
 
 def run_demo(out: TextIO, *, ledger_path: str | None = None) -> int:
+    """Run the tour quietly (library warnings off, restored afterwards); see :func:`_tour`."""
+    log = logging.getLogger("budgetguard")
+    level = log.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="budgetguard: tokenizer")
+        log.setLevel(logging.ERROR)
+        try:
+            return _tour(out, ledger_path=ledger_path)
+        finally:
+            log.setLevel(level)
+
+
+def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
     """Run the tour, writing a transcript to ``out``.
 
     Args:
@@ -59,8 +72,6 @@ def run_demo(out: TextIO, *, ledger_path: str | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="budgetguard-demo-")
     ledger_path = ledger_path or os.path.join(tmp, "ledger.sqlite3")
     windows = {**DEFAULT_CONTEXT_WINDOWS, "gpt-3.5-turbo": 16_385}
-    warnings.filterwarnings("ignore", message="budgetguard: tokenizer")
-    logging.getLogger("budgetguard").setLevel(logging.ERROR)
     with StubOpenAIServer(reply_tokens=45, context_windows=windows) as server:
 
         def llm(model: str, **kw: Any) -> ChatOpenAI:

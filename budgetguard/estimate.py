@@ -263,6 +263,27 @@ def _tiles(width: int, height: int) -> int:
     return math.ceil(width / 512) * math.ceil(height / 512)
 
 
+_PLAIN_KINDS = frozenset(("system", "human", "ai"))
+
+
+def _plain_key(encoding: str, messages: Sequence[Any]) -> tuple[Any, ...] | None:
+    """A cache key for a conversation of plain-text messages, or ``None`` if it has more."""
+    key: list[Any] = [encoding]
+    for msg in messages:
+        content = getattr(msg, "content", None)
+        kind = getattr(msg, "type", None)
+        if (
+            type(content) is not str
+            or kind not in _PLAIN_KINDS
+            or msg.name
+            or (kind == "ai" and (msg.tool_calls or msg.invalid_tool_calls or msg.additional_kwargs))
+        ):
+            return None
+        key.append(kind)
+        key.append(content)
+    return tuple(key)
+
+
 class TokenEstimator:
     """Estimates the prompt and output tokens of LangChain model calls. Thread-safe.
 
@@ -315,6 +336,9 @@ class TokenEstimator:
         self._seen: set[int] = set()  # hashes of texts seen once: only a second sighting is cached
         self._seen_limit = 4 * max(int(cache_size), 1)
         self._lock = threading.Lock()
+        # Whole conversations of plain text (a fixed system prompt and few-shot examples
+        # around a short question repeat call after call): one lookup instead of one per message.
+        self._calls: LRUCache[tuple[Any, ...], int] | None = LRUCache(1024) if cache_size else None
         self._choices: dict[str | None, EncodingChoice] = {}
         self._overheads: dict[tuple[str, str], int] = {}  # (encoding, message type) -> 3 + role tokens
 
@@ -424,6 +448,16 @@ class TokenEstimator:
                 unknown part types) or items that are not messages.
         """
         choice = self.encoding_for(model)
+        calls = self._calls
+        key = None if tools or calls is None else _plain_key(choice.name, messages)
+        if key is not None:
+            with self._lock:
+                raw = calls.get(key)  # type: ignore[union-attr]
+            if raw is None:
+                raw = self._raw_messages(choice, messages, model, tools)
+                with self._lock:
+                    calls[key] = raw  # type: ignore[index]
+            return _with_margin(raw, choice.margin)
         return _with_margin(self._raw_messages(choice, messages, model, tools), choice.margin)
 
     def _raw_messages(self, choice: EncodingChoice, messages: Sequence[BaseMessage], model: str | None,
