@@ -33,6 +33,7 @@ from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, ge
 
 from budgetguard.errors import ConfigurationError, ContextWindowExceeded
 from budgetguard.flow import Flow, Invoke, Peek, Sleep
+from budgetguard.tickets import flat_scope
 
 if TYPE_CHECKING:
     from budgetguard.errors import BudgetExceeded
@@ -332,9 +333,7 @@ def _split(messages: Sequence[BaseMessage]) -> tuple[list[BaseMessage], list[Bas
 
 
 def _scoped_config(call: Call) -> dict[str, Any]:
-    flat: dict[str, str] = {}
-    for scope in call.scopes.values():
-        flat.update(scope)
+    flat = flat_scope(call.scopes)
     return {
         "configurable": flat,
         "metadata": {**flat, "budgetguard_purpose": "compress"},

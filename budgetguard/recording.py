@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from budgetguard.tickets import Call, Ticket
+from budgetguard.tickets import Call, Ticket, flat_scope
 
 if TYPE_CHECKING:
     from budgetguard.errors import BudgetExceeded
@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from budgetguard.stores.base import ExpiredLease
     from budgetguard.usage import Usage
 
-__all__ = ["record_denied", "record_expired", "record_settled", "resolve_ledger"]
+__all__ = [
+    "default_ledger",
+    "observe_alerts",
+    "record_denied",
+    "record_expired",
+    "record_settled",
+    "resolve_ledger",
+]
 
 logger = logging.getLogger("budgetguard")
 
@@ -88,7 +95,7 @@ def _record(guard: BudgetGuard, call: Call, budgets: Sequence[str], **fields: An
             run_id=str(call.run_id),
             root_run_id=str(call.root_run_id) if call.root_run_id else None,
             parent_run_id=str(call.parent_run_id) if call.parent_run_id else None,
-            scope=dict(merged_scope_of(call)),
+            scope=flat_scope(call.scopes),
             tags=tuple(call.tags),
             metadata=_user_metadata(call.metadata),
             model_requested=call.model_requested or call.model,
@@ -100,14 +107,6 @@ def _record(guard: BudgetGuard, call: Call, budgets: Sequence[str], **fields: An
             **fields,
         )
     )
-
-
-def merged_scope_of(call: Call) -> dict[str, str]:
-    """Every scope value of a call (``{"user_id": "alice"}``)."""
-    out: dict[str, str] = {}
-    for scope in call.scopes.values():
-        out.update(scope)
-    return out
 
 
 def record_settled(
@@ -168,9 +167,7 @@ def record_expired(guard: BudgetGuard, lease: ExpiredLease) -> None:
     except ValueError:
         meta = {}
     est_in, est_out = (meta.get("est") or [0, 0])[:2]
-    scope: dict[str, str] = {}
-    for s in (meta.get("scopes") or {}).values():
-        scope.update(s)
+    scope = flat_scope(meta.get("scopes") or {})
     model = meta.get("model")
     ledger.record(
         LedgerRecord(
@@ -216,5 +213,3 @@ def observe_alerts(guard: BudgetGuard, ticket: Ticket) -> None:
             now=now,
         )
 
-
-__all__ += ["default_ledger", "merged_scope_of", "observe_alerts"]

@@ -9,7 +9,7 @@ budget holds until the call is settled.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from budgetguard.budgets import Budget
     from budgetguard.estimate import Estimate
 
-__all__ = ["Call", "Line", "Ticket"]
+__all__ = ["Call", "Line", "Ticket", "flat_scope"]
 
 
 @dataclass(slots=True)
@@ -132,9 +132,9 @@ class Ticket:
         )
 
 
-def merged_scope(lines: Sequence[Line]) -> dict[str, str]:
-    """All scope values of a call's lines in one mapping (``{"user_id": "alice"}``)."""
+def flat_scope(scopes: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Every scope value of a call in one mapping (``{"user_id": "alice"}``)."""
     out: dict[str, str] = {}
-    for ln in lines:
-        out.update(ln.scope)
+    for scope in scopes.values():
+        out.update(scope)
     return out
