@@ -270,13 +270,17 @@ def _plain_key(encoding: str, messages: Sequence[Any]) -> tuple[Any, ...] | None
     """A cache key for a conversation of plain-text messages, or ``None`` if it has more."""
     key: list[Any] = [encoding]
     for msg in messages:
-        content = getattr(msg, "content", None)
-        kind = getattr(msg, "type", None)
+        # Field values straight from the pydantic model's __dict__: this runs on every call.
+        fields = getattr(msg, "__dict__", None)
+        if fields is None:
+            return None
+        content = fields.get("content")
+        kind = fields.get("type")
         if (
             type(content) is not str
             or kind not in _PLAIN_KINDS
-            or msg.name
-            or (kind == "ai" and (msg.tool_calls or msg.invalid_tool_calls or msg.additional_kwargs))
+            or fields.get("name")
+            or (kind == "ai" and (fields.get("tool_calls") or fields.get("invalid_tool_calls") or fields.get("additional_kwargs")))
         ):
             return None
         key.append(kind)
