@@ -4,7 +4,7 @@ Run by hand (not a test)::
 
     /work/venv/bin/python benchmarks/bench_overhead.py [--rounds 15] [--calls 300] [--no-profile]
 
-The chain is ``ChatPromptTemplate`` (a ~250-token system prompt + a human template) piped into
+The chain is ``ChatPromptTemplate`` (a 224-token system prompt + a human template) piped into
 ``UsageFakeChatModel(max_tokens=64)``: an in-process chat model with no latency, so everything
 measured is Python overhead. Every call formats a new question (a fresh order number), as real
 traffic does: the system prompt is the same text each call, the human message is new text.
