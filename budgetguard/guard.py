@@ -490,8 +490,4 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
 
 def running_loop() -> bool:
     """Whether an event loop runs in this thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+    return asyncio._get_running_loop() is not None  # no exception round trip, unlike get_running_loop()

@@ -218,6 +218,12 @@ class SyncMeter(BaseCallbackHandler):
     """Meters model calls made by LangChain's sync dispatcher (see module docstring)."""
 
     raise_error = True
+    # Only model events matter: skipping the rest saves LangChain a dispatch per chain step.
+    ignore_chain = True
+    ignore_agent = True
+    ignore_retriever = True
+    ignore_retry = True
+    ignore_custom_event = True
     run_inline = True
 
     def __init__(self, invocation: Invocation) -> None:
@@ -272,6 +278,12 @@ class AsyncMeter(AsyncCallbackHandler):
     """Meters model calls made by LangChain's async dispatcher (see module docstring)."""
 
     raise_error = True
+    # Only model events matter: skipping the rest saves LangChain a dispatch per chain step.
+    ignore_chain = True
+    ignore_agent = True
+    ignore_retriever = True
+    ignore_retry = True
+    ignore_custom_event = True
 
     def __init__(self, invocation: Invocation) -> None:
         self.inv = invocation

@@ -39,6 +39,9 @@ _NATIVE_KEYS = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output
 _CONTAINER_KEYS = ("token_usage", "usage")
 
 
+_COUNT_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")
+
+
 @dataclass(frozen=True)
 class Usage:
     """Tokens a call used, as the provider reported them.
@@ -60,10 +63,10 @@ class Usage:
     reasoning_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                msg = f"usage {field.name}={value!r} is not a non-negative integer"
+        for name in _COUNT_FIELDS:  # a fixed tuple: dataclasses.fields() is slow on the hot path
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:  # bools are rejected too
+                msg = f"usage {name}={value!r} is not a non-negative integer"
                 raise UsageError(msg)
         if self.cached_input_tokens > self.input_tokens:
             msg = f"usage reports {self.cached_input_tokens} cached input tokens of only {self.input_tokens}"
