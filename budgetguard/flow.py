@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from budgetguard.clock import Clock
 
-__all__ = ["Flow", "Invoke", "Peek", "Reserve", "Settle", "Sleep", "adrive", "drive"]
+__all__ = ["Flow", "Invoke", "Peek", "Reserve", "Sleep", "adrive", "drive"]
 
 logger = logging.getLogger("budgetguard")
 
@@ -41,14 +41,6 @@ class Reserve:
     """Ask the store to reserve a request; the flow receives a ``ReserveResult``."""
 
     request: ReserveRequest
-
-
-@dataclass(frozen=True, slots=True)
-class Settle:
-    """Ask the store to settle a reservation; the flow receives ``bool``."""
-
-    reservation_id: str
-    actuals: tuple[float, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +66,7 @@ class Invoke:
     config: RunnableConfig | None = field(default=None)
 
 
-Op = Reserve | Settle | Peek | Sleep | Invoke
+Op = Reserve | Peek | Sleep | Invoke
 Flow = Generator[Op, Any, T]
 
 
@@ -100,8 +92,6 @@ def drive(flow: Flow[T], store: Store, clock: Clock) -> T:
         try:
             if isinstance(op, Reserve):
                 send = store.reserve(op.request)
-            elif isinstance(op, Settle):
-                send = store.settle(op.reservation_id, op.actuals)
             elif isinstance(op, Peek):
                 send = tuple(store.snapshot(spec).level for spec in op.specs)
             elif isinstance(op, Sleep):
@@ -134,8 +124,6 @@ async def adrive(flow: Flow[T], store: Store, clock: Clock) -> T:
         try:
             if isinstance(op, Reserve):
                 send = await store.areserve(op.request)
-            elif isinstance(op, Settle):
-                send = await store.asettle(op.reservation_id, op.actuals)
             elif isinstance(op, Peek):
                 send = tuple([(await store.asnapshot(spec)).level for spec in op.specs])
             elif isinstance(op, Sleep):

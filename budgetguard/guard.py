@@ -332,12 +332,18 @@ class BudgetGuard:
                 out.append(float(usage.input_tokens + usage.output_tokens))
         return tuple(out)
 
+    def _claim_settlement(self, ticket: Ticket, usage: Usage | None) -> tuple[float, ...] | None:
+        """Mark a ticket settled and return what to charge; ``None`` if it already was."""
+        if ticket.settled:
+            return None
+        ticket.settled = True
+        return self.actuals(ticket, usage) if usage is not None else tuple(0.0 for _ in ticket.lines)
+
     def settle(self, ticket: Ticket, usage: Usage | None, *, outcome: str, error: BaseException | None = None) -> None:
         """Settle a ticket once with what the call used (``None``: release it)."""
-        if ticket.settled:
+        actuals = self._claim_settlement(ticket, usage)
+        if actuals is None:
             return
-        ticket.settled = True
-        actuals = self.actuals(ticket, usage) if usage is not None else tuple(0.0 for _ in ticket.lines)
         if not ticket.fail_open:
             self.store.settle(ticket.id, actuals)
         self.after_settle(ticket, usage, actuals, outcome, error)
@@ -346,10 +352,9 @@ class BudgetGuard:
         self, ticket: Ticket, usage: Usage | None, *, outcome: str, error: BaseException | None = None
     ) -> None:
         """Async :meth:`settle`."""
-        if ticket.settled:
+        actuals = self._claim_settlement(ticket, usage)
+        if actuals is None:
             return
-        ticket.settled = True
-        actuals = self.actuals(ticket, usage) if usage is not None else tuple(0.0 for _ in ticket.lines)
         if not ticket.fail_open:
             await self.store.asettle(ticket.id, actuals)
         self.after_settle(ticket, usage, actuals, outcome, error)

@@ -214,8 +214,8 @@ def _generated_text(response: LLMResult) -> str:
     return "".join(parts)
 
 
-class SyncMeter(BaseCallbackHandler):
-    """Meters model calls made by LangChain's sync dispatcher (see module docstring)."""
+class _ModelEvents:
+    """What both meters share: model events only, errors raised, one invocation."""
 
     raise_error = True
     # Only model events matter: skipping the rest saves LangChain a dispatch per chain step.
@@ -224,10 +224,15 @@ class SyncMeter(BaseCallbackHandler):
     ignore_retriever = True
     ignore_retry = True
     ignore_custom_event = True
-    run_inline = True
 
     def __init__(self, invocation: Invocation) -> None:
         self.inv = invocation
+
+
+class SyncMeter(_ModelEvents, BaseCallbackHandler):
+    """Meters model calls made by LangChain's sync dispatcher (see module docstring)."""
+
+    run_inline = True
 
     def _begin(self, run_id: UUID, serialized: Any, kwargs: dict[str, Any], **call: Any) -> None:
         inv = self.inv
@@ -274,19 +279,8 @@ class SyncMeter(BaseCallbackHandler):
         self._end(run_id, kwargs.get("response"), error)
 
 
-class AsyncMeter(AsyncCallbackHandler):
+class AsyncMeter(_ModelEvents, AsyncCallbackHandler):
     """Meters model calls made by LangChain's async dispatcher (see module docstring)."""
-
-    raise_error = True
-    # Only model events matter: skipping the rest saves LangChain a dispatch per chain step.
-    ignore_chain = True
-    ignore_agent = True
-    ignore_retriever = True
-    ignore_retry = True
-    ignore_custom_event = True
-
-    def __init__(self, invocation: Invocation) -> None:
-        self.inv = invocation
 
     async def _begin(self, run_id: UUID, serialized: Any, kwargs: dict[str, Any], **call: Any) -> None:
         inv = self.inv

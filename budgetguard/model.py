@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from uuid import uuid4
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -32,6 +33,7 @@ from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from pydantic import ConfigDict, Field
 from typing_extensions import override
 
+from budgetguard.estimate import model_from_params
 from budgetguard.meter import HANDOFF_KEY, WRAPPER_KEY, SyncMeter
 from budgetguard.tickets import Call, Ticket
 from budgetguard.usage import Usage, usage_from_message
@@ -85,15 +87,11 @@ class GuardedChatModel(BaseChatModel):
     # -- planning ------------------------------------------------------------------------
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, kwargs: dict) -> Call:
-        from budgetguard.estimate import model_from_params
-
         params = self.inner._get_invocation_params(stop=stop, **kwargs)
         model = model_from_params(params, None)
         scopes = _scopes(self.guard, run_manager)
         run_id = run_manager.run_id if run_manager is not None else None
         estimate = self.guard.estimator.estimate(model=model, invocation_params=params, messages=messages)
-        from uuid import uuid4
-
         return Call(
             run_id=run_id or uuid4(),
             model=model,
