@@ -4,13 +4,27 @@ Every write is one ``BEGIN IMMEDIATE`` transaction that runs the pure functions 
 :mod:`.base` on the rows it touches, so the arithmetic is the memory store's, and
 processes take turns through SQLite's write lock (WAL mode: readers never wait).
 
-Layout (``PRAGMA user_version`` holds the schema version)::
+Layout (``PRAGMA user_version`` holds the schema version, 2)::
 
-    buckets(key PRIMARY KEY, level, updated_at, period_start, spent)
-    leases(id PRIMARY KEY, held JSON, expires_at, meta)   + index on expires_at
+    store(kind, key, level, updated_at, period_start, spent, expires_at, held, meta)
+        PRIMARY KEY (kind, key), WITHOUT ROWID
+    kind 0: the meta row ``next_expiry``: ``expires_at`` is a lower bound of every open
+            lease's expiry (NULL: no lease is open)
+    kind 1: a bucket (``key`` = bucket key; level, updated_at, period_start, spent)
+    kind 2: a lease (``key`` = reservation id; expires_at, held JSON, meta)
+
+Why one table: a commit writes every B-tree page it changed to the WAL (about 5 us per
+4 KiB page here), and a reservation's bucket row and lease row in one B-tree usually
+share a page, so a reserve or a settle commits one page instead of three (bucket,
+lease, expiry index). Why no expiry index: the sweep reads the ``next_expiry`` row
+(part of the reserve's first query) and scans the leases only once that bound has
+passed, then sets it to the earliest remaining expiry; a reserve lowers it when its
+lease expires sooner. The bound is kept in the same transactions as the leases, so it
+holds for every process sharing the file.
 
 ``held`` keeps, per charge, the bucket specs and amounts the reservation took, so any
-process can settle or sweep it later.
+process can settle or sweep it later. Schema 1 (tables ``buckets`` and ``leases``
+with an index on ``expires_at``) is migrated in place on first open.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TypeVar
 
 from budgetguard.clock import Clock, SystemClock
@@ -45,29 +60,54 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version``; a file written by a newer budgetguard is refused."""
+SCHEMA_VERSION = 2
+"""Stored in ``PRAGMA user_version``; an older file is migrated, a newer one refused."""
+
+_META, _BUCKET, _LEASE = 0, 1, 2
+"""Values of ``store.kind``."""
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS buckets ("
-    " key TEXT PRIMARY KEY, level REAL NOT NULL, updated_at REAL NOT NULL,"
-    " period_start REAL, spent REAL NOT NULL DEFAULT 0) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS leases ("
-    " id TEXT PRIMARY KEY, held TEXT NOT NULL, expires_at REAL NOT NULL,"
-    " meta TEXT NOT NULL DEFAULT '') WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expires_at)",
+    (
+        "CREATE TABLE IF NOT EXISTS store ("
+        " kind INTEGER NOT NULL, key TEXT NOT NULL,"
+        " level REAL, updated_at REAL, period_start REAL, spent REAL,"
+        " expires_at REAL, held TEXT, meta TEXT,"
+        " PRIMARY KEY (kind, key)) WITHOUT ROWID"
+    ),
+    "INSERT OR IGNORE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', NULL)",
 )
 
-_SELECT_ONE = "SELECT key, level, updated_at, period_start, spent FROM buckets WHERE key = ?"
-_UPSERT = (
-    "INSERT INTO buckets (key, level, updated_at, period_start, spent) VALUES (?, ?, ?, ?, ?)"
-    " ON CONFLICT (key) DO UPDATE SET level = excluded.level, updated_at = excluded.updated_at,"
-    " period_start = excluded.period_start, spent = excluded.spent"
+_FROM_V1 = (
+    (
+        "INSERT INTO store (kind, key, level, updated_at, period_start, spent)"
+        " SELECT 1, key, level, updated_at, period_start, spent FROM buckets"
+    ),
+    "INSERT INTO store (kind, key, expires_at, held, meta) SELECT 2, id, expires_at, held, meta FROM leases",
+    "UPDATE store SET expires_at = (SELECT min(expires_at) FROM leases) WHERE kind = 0 AND key = 'next_expiry'",
+    # Dropped, not kept: a process still running schema 1 must fail, not write to them.
+    "DROP TABLE leases",
+    "DROP TABLE buckets",
 )
-_DUE = "SELECT id, held, meta FROM leases WHERE expires_at <= ? ORDER BY expires_at, id"
-_INSERT_LEASE = "INSERT INTO leases (id, held, expires_at, meta) VALUES (?, ?, ?, ?)"
-_TAKE_LEASE = "DELETE FROM leases WHERE id = ? RETURNING held"
-_DELETE_LEASE = "DELETE FROM leases WHERE id = ?"
+
+_BUCKET_COLUMNS = "level, updated_at, period_start, spent"
+_SELECT_ONE = f"SELECT {_BUCKET_COLUMNS} FROM store WHERE kind = 1 AND key = ?"
+_SELECT_IN = "SELECT key, " + _BUCKET_COLUMNS + " FROM store WHERE kind = 1 AND key IN ({marks})"
+# The reserve's first query: the sweep bound, and the buckets joined to it (one row with
+# NULL bucket columns when none exists yet; no row at all if the meta row is missing).
+_NEXT_AND_BUCKETS = (
+    "SELECT m.expires_at, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
+    " LEFT JOIN store AS b ON b.kind = 1 AND b.key IN ({marks})"
+    " WHERE m.kind = 0 AND m.key = 'next_expiry'"
+)
+_NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
+_SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
+_SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
+_LEASES = "SELECT key, held, meta, expires_at FROM store WHERE kind = 2"
+_INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta) VALUES (2, ?, ?, ?, ?)"
+_TAKE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ? RETURNING held"
+_DELETE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ?"
+_IS_OPEN = "SELECT 1 FROM store WHERE kind = 2 AND key = ?"
+_COUNT_LEASES = "SELECT count(*) FROM store WHERE kind = 2"
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -87,26 +127,38 @@ def _is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _spec_row(spec: BucketSpec) -> list[object]:
-    return [spec.key, spec.capacity, spec.refill_per_second, spec.period_start, spec.period_end]
+_dumps = json.dumps
+_float_repr = float.__repr__
+
+
+def _number(value: float | None) -> str:
+    """``value`` as ``json.dumps`` writes it (floats with ``repr``: they read back bit for bit)."""
+    if type(value) is float and value - value == 0.0:  # finite: inf - inf and nan - nan are nan
+        return _float_repr(value)
+    if value is None:
+        return "null"
+    return _dumps(value)  # ints, infinities, float subclasses
+
+
+def _spec_json(spec: BucketSpec) -> str:
+    return (
+        f"[{encode_basestring_ascii(spec.key)},{_number(spec.capacity)},{_number(spec.refill_per_second)},"
+        f"{_number(spec.period_start)},{_number(spec.period_end)}]"
+    )
 
 
 def _encode_held(held: Sequence[Held]) -> str:
-    # json writes floats with repr(): they read back bit for bit.
-    return json.dumps(
-        [
-            [
-                _spec_row(h.bucket),
-                _spec_row(h.lender) if h.lender is not None else None,
-                h.took,
-                h.lent,
-                h.period,
-                h.lender_period,
-            ]
-            for h in held
-        ],
-        separators=(",", ":"),
-    )
+    """The JSON text ``json.dumps(..., separators=(",", ":"))`` writes, built without its overhead.
+
+    Per charge: ``[bucket spec, lender spec or null, took, lent, period, lender_period]``
+    with a spec as ``[key, capacity, refill_per_second, period_start, period_end]``.
+    """
+    parts = [
+        f"[{_spec_json(h.bucket)},{'null' if h.lender is None else _spec_json(h.lender)},{_number(h.took)},"
+        f"{_number(h.lent)},{_number(h.period)},{_number(h.lender_period)}]"
+        for h in held
+    ]
+    return f"[{','.join(parts)}]"
 
 
 def _decode_held(text: str) -> list[Held]:
@@ -125,13 +177,22 @@ def _decode_held(text: str) -> list[Held]:
     return out
 
 
-def _held_keys(held: Iterable[Held]) -> set[str]:
-    keys = set()
+def _held_keys(held: Iterable[Held]) -> list[str]:
+    keys: dict[str, None] = {}
     for h in held:
-        keys.add(h.bucket.key)
+        keys[h.bucket.key] = None
         if h.lender is not None:
-            keys.add(h.lender.key)
-    return keys
+            keys[h.lender.key] = None
+    return list(keys)
+
+
+def _request_keys(request: ReserveRequest) -> list[str]:
+    keys: dict[str, None] = {}
+    for charge in request.charges:
+        keys[charge.bucket.key] = None
+        if charge.lender is not None:
+            keys[charge.lender.key] = None
+    return list(keys)
 
 
 class _Local(threading.local):
@@ -195,7 +256,7 @@ class SQLiteStore:
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._in_sql: dict[int, str] = {}
+        self._in_sql: dict[tuple[str, int], str] = {}
         _forget_connections_on_fork(self)
         # Open (and create) the file now so that a wrong path fails at start-up.
         self._run(lambda: self._connection() and None)
@@ -221,7 +282,11 @@ class SQLiteStore:
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False, cached_statements=64
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=64,
         )
         try:
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
@@ -244,6 +309,11 @@ class SQLiteStore:
         return conn
 
     def _migrate(self, conn: sqlite3.Connection, version: int) -> None:
+        """Create the tables in a new file, or bring a schema-1 file to this schema.
+
+        Runs in one ``BEGIN IMMEDIATE`` transaction (the version is read again inside it:
+        another process may have done the work first), so a crash leaves the old schema.
+        """
         if version > SCHEMA_VERSION:
             msg = (
                 f"SQLite store {self.path!r} has schema version {version}, newer than this budgetguard "
@@ -252,9 +322,13 @@ class SQLiteStore:
             raise ConfigurationError(msg)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have won
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current < SCHEMA_VERSION:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                if current == 1:
+                    for statement in _FROM_V1:
+                        conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -289,7 +363,10 @@ class SQLiteStore:
 
     @staticmethod
     def _is_unavailable(exc: BaseException) -> bool:
-        if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        if isinstance(
+            exc,
+            (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError),
+        ):
             return False
         return isinstance(exc, (sqlite3.DatabaseError, _Contended))
 
@@ -299,7 +376,10 @@ class SQLiteStore:
 
     def _run(self, fn: Callable[[], T]) -> T:
         return self.retry.call(
-            fn, is_transient=self._is_transient, is_unavailable=self._is_unavailable, describe=self._describe
+            fn,
+            is_transient=self._is_transient,
+            is_unavailable=self._is_unavailable,
+            describe=self._describe,
         )
 
     def _write(self, body: Callable[[sqlite3.Connection, float], T]) -> T:
@@ -336,31 +416,58 @@ class SQLiteStore:
 
     # -- row helpers ----------------------------------------------------------------
 
+    def _in_query(self, template: str, count: int) -> str:
+        """``template`` with ``{marks}`` filled in for ``count`` keys (cached per count)."""
+        sql = self._in_sql.get((template, count))
+        if sql is None:
+            sql = template.format(marks=", ".join("?" * count))
+            self._in_sql[(template, count)] = sql
+        return sql
+
     def _load(self, conn: sqlite3.Connection, keys: Iterable[str], buckets: Buckets) -> None:
         wanted = [k for k in keys if k not in buckets]
         if not wanted:
             return
         if len(wanted) == 1:
-            rows = conn.execute(_SELECT_ONE, wanted).fetchall()
-        else:
-            sql = self._in_sql.get(len(wanted))
-            if sql is None:
-                marks = ", ".join("?" * len(wanted))
-                sql = f"SELECT key, level, updated_at, period_start, spent FROM buckets WHERE key IN ({marks})"
-                self._in_sql[len(wanted)] = sql
-            rows = conn.execute(sql, wanted).fetchall()
+            row = conn.execute(_SELECT_ONE, wanted).fetchone()
+            buckets[wanted[0]] = BucketState(*row) if row is not None else None
+            return
         for key in wanted:
             buckets[key] = None
-        for key, level, updated_at, period_start, spent in rows:
+        for key, level, updated_at, period_start, spent in conn.execute(
+            self._in_query(_SELECT_IN, len(wanted)), wanted
+        ):
             buckets[key] = BucketState(level, updated_at, period_start, spent)
+
+    def _load_with_next_expiry(
+        self, conn: sqlite3.Connection, keys: list[str], buckets: Buckets
+    ) -> tuple[bool, float | None]:
+        """Load ``keys`` into ``buckets`` and read the sweep bound, in one query.
+
+        Returns:
+            Whether the meta row exists, and its ``next_expiry`` (``None``: no open lease).
+        """
+        rows = conn.execute(self._in_query(_NEXT_AND_BUCKETS, len(keys)), keys).fetchall()
+        if not rows:  # no meta row: the caller sweeps, which writes it again
+            self._load(conn, keys, buckets)
+            return False, None
+        for key in keys:
+            buckets[key] = None
+        for _, key, level, updated_at, period_start, spent in rows:
+            if key is not None:
+                buckets[key] = BucketState(level, updated_at, period_start, spent)
+        return True, rows[0][0]
 
     @staticmethod
     def _save(conn: sqlite3.Connection, touched: dict[str, BucketState]) -> None:
-        rows = [(k, s.level, s.updated_at, s.period_start, s.spent) for k, s in touched.items()]
-        if len(rows) == 1:
-            conn.execute(_UPSERT, rows[0])
-        elif rows:
-            conn.executemany(_UPSERT, rows)
+        if len(touched) == 1:
+            for key, s in touched.items():
+                conn.execute(_SAVE, (key, s.level, s.updated_at, s.period_start, s.spent))
+        elif touched:
+            conn.executemany(
+                _SAVE,
+                [(k, s.level, s.updated_at, s.period_start, s.spent) for k, s in touched.items()],
+            )
 
     @staticmethod
     def _getter(buckets: Buckets, touched: dict[str, BucketState], now: float) -> Callable[[BucketSpec], BucketState]:
@@ -374,19 +481,36 @@ class SQLiteStore:
 
         return get
 
-    def _sweep_due(self, conn: sqlite3.Connection, now: float, buckets: Buckets) -> tuple[ExpiredLease, ...]:
-        rows = conn.execute(_DUE, (now,)).fetchall()  # an index probe when nothing is due
-        if not rows:
-            return ()
-        leases = [(rid, _decode_held(held), meta) for rid, held, meta in rows]
-        self._load(conn, {k for _, held, _ in leases for k in _held_keys(held)}, buckets)
+    def _sweep(
+        self, conn: sqlite3.Connection, now: float, buckets: Buckets
+    ) -> tuple[tuple[ExpiredLease, ...], float | None]:
+        """Settle every due lease at its reserved amount; reset the ``next_expiry`` bound.
+
+        Scans the leases (run only when the bound says one may be due).
+
+        Returns:
+            The expired leases (by expiry, then id) and the new bound.
+        """
+        due = []
+        next_expiry: float | None = None
+        for rid, held, meta, expires_at in conn.execute(_LEASES):
+            if expires_at <= now:
+                due.append((expires_at, rid, held, meta))
+            elif next_expiry is None or expires_at < next_expiry:
+                next_expiry = expires_at
+        conn.execute(_SET_NEXT_EXPIRY, (next_expiry,))
+        if not due:
+            return (), next_expiry
+        due.sort()
+        leases = [(rid, _decode_held(held), meta) for _, rid, held, meta in due]
+        self._load(conn, {k: None for _, held, _ in leases for k in _held_keys(held)}, buckets)
         touched: dict[str, BucketState] = {}
         get = self._getter(buckets, touched, now)
         expired = tuple(ExpiredLease(rid, apply_settle(get, held, None), meta) for rid, held, meta in leases)
         buckets.update(touched)
         self._save(conn, touched)
         conn.executemany(_DELETE_LEASE, [(rid,) for rid, _, _ in leases])
-        return expired
+        return expired, next_expiry
 
     # -- protocol -------------------------------------------------------------------
 
@@ -397,32 +521,33 @@ class SQLiteStore:
             ValueError: A reservation with this id is open.
             StoreUnavailable: The file cannot be used (see :class:`SQLiteStore`).
         """
+        return self._write(lambda conn, now: self._reserve(conn, now, request))
 
-        def body(conn: sqlite3.Connection, now: float) -> ReserveResult:
-            buckets: Buckets = {}
-            expired = self._sweep_due(conn, now, buckets)
-            keys = []
-            for charge in request.charges:
-                keys.append(charge.bucket.key)
-                if charge.lender is not None:
-                    keys.append(charge.lender.key)
-            self._load(conn, keys, buckets)
-            touched: dict[str, BucketState] = {}
-            outcome = apply_reserve(self._getter(buckets, touched, now), request.charges, now)
-            if not isinstance(outcome, list):
-                if conn.execute("SELECT 1 FROM leases WHERE id = ?", (request.id,)).fetchone():
-                    _duplicate(request.id)
-                return ReserveResult(False, outcome, expired)
-            self._save(conn, touched)
-            try:
-                conn.execute(
-                    _INSERT_LEASE, (request.id, _encode_held(outcome), now + request.lease_seconds, request.meta)
-                )
-            except sqlite3.IntegrityError:
+    def _reserve(self, conn: sqlite3.Connection, now: float, request: ReserveRequest) -> ReserveResult:
+        buckets: Buckets = {}
+        keys = _request_keys(request)
+        has_meta, next_expiry = self._load_with_next_expiry(conn, keys, buckets)
+        expired: tuple[ExpiredLease, ...] = ()
+        if not has_meta or (next_expiry is not None and next_expiry <= now):
+            expired, next_expiry = self._sweep(conn, now, buckets)
+        touched: dict[str, BucketState] = {}
+        outcome = apply_reserve(self._getter(buckets, touched, now), request.charges, now)
+        if not isinstance(outcome, list):
+            if conn.execute(_IS_OPEN, (request.id,)).fetchone():
                 _duplicate(request.id)
-            return ReserveResult(True, None, expired)
-
-        return self._write(body)
+            return ReserveResult(False, outcome, expired)
+        self._save(conn, touched)
+        expires_at = now + request.lease_seconds
+        try:
+            conn.execute(
+                _INSERT_LEASE,
+                (request.id, expires_at, _encode_held(outcome), request.meta),
+            )
+        except sqlite3.IntegrityError:
+            _duplicate(request.id)
+        if next_expiry is None or expires_at < next_expiry:
+            conn.execute(_SET_NEXT_EXPIRY, (expires_at,))
+        return ReserveResult(True, None, expired)
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Settle once; later calls for the same id (or after expiry) return ``False``.
@@ -431,41 +556,52 @@ class SQLiteStore:
             ValueError: ``actuals`` has fewer amounts than the reservation has charges
                 (nothing is changed).
         """
+        return self._write(lambda conn, now: self._settle(conn, now, reservation_id, actuals))
 
-        def body(conn: sqlite3.Connection, now: float) -> bool:
-            rows = conn.execute(_TAKE_LEASE, (reservation_id,)).fetchall()
-            if not rows:
-                return False
-            held = _decode_held(rows[0][0])
-            if actuals is not None and len(actuals) < len(held):
-                msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
-                raise ValueError(msg)  # rolls the delete back
-            buckets: Buckets = {}
-            self._load(conn, _held_keys(held), buckets)
-            touched: dict[str, BucketState] = {}
-            apply_settle(self._getter(buckets, touched, now), held, actuals)
-            self._save(conn, touched)
-            return True
-
-        return self._write(body)
+    def _settle(
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        reservation_id: str,
+        actuals: Sequence[float] | None,
+    ) -> bool:
+        row = conn.execute(_TAKE_LEASE, (reservation_id,)).fetchone()
+        if row is None:
+            return False
+        held = _decode_held(row[0])
+        if actuals is not None and len(actuals) < len(held):
+            msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
+            raise ValueError(msg)  # rolls the delete back
+        buckets: Buckets = {}
+        self._load(conn, _held_keys(held), buckets)
+        touched: dict[str, BucketState] = {}
+        apply_settle(self._getter(buckets, touched, now), held, actuals)
+        self._save(conn, touched)
+        return True
 
     def snapshot(self, spec: BucketSpec) -> BucketState:
         """Return the bucket as of now (full if never used); reads never wait for writers."""
 
         def read() -> BucketState:
             row = self._connection().execute(_SELECT_ONE, (spec.key,)).fetchone()
-            state = BucketState(row[1], row[2], row[3], row[4]) if row is not None else None
-            return refresh(state, spec, self.clock.now())
+            return refresh(BucketState(*row) if row is not None else None, spec, self.clock.now())
 
         return self._run(read)
 
     def sweep(self) -> tuple[ExpiredLease, ...]:
         """Settle expired leases at their reserved amounts and report each once."""
-        return self._write(lambda conn, now: self._sweep_due(conn, now, {}))
+
+        def body(conn: sqlite3.Connection, now: float) -> tuple[ExpiredLease, ...]:
+            row = conn.execute(_NEXT_EXPIRY).fetchone()
+            if row is not None and (row[0] is None or row[0] > now):
+                return ()  # the bound says no lease is due
+            return self._sweep(conn, now, {})[0]
+
+        return self._write(body)
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled or swept."""
-        return self._run(lambda: int(self._connection().execute("SELECT count(*) FROM leases").fetchone()[0]))
+        return self._run(lambda: int(self._connection().execute(_COUNT_LEASES).fetchone()[0]))
 
     def close(self) -> None:
         """Close every connection this store opened (it reopens them if used again)."""

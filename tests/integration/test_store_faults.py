@@ -274,7 +274,7 @@ def hold_write_lock(path: str, locked: Any, release: Any, seconds: float) -> Non
     """Child: take SQLite's write lock with BEGIN EXCLUSIVE and keep it."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("BEGIN EXCLUSIVE")
-    conn.execute("UPDATE buckets SET spent = spent")  # a real write in flight
+    conn.execute("UPDATE store SET spent = spent WHERE kind = 1")  # a real write in flight
     locked.set()
     release.wait(seconds)
     conn.execute("COMMIT")

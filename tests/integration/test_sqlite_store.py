@@ -1,0 +1,284 @@
+"""SQLite-specific behaviour the store contract does not see.
+
+* A file written by schema 1 (tables ``buckets`` and ``leases`` + expiry index) is
+  migrated in place: buckets, open leases and their expiries carry over, once, even when
+  several stores open it at the same time.
+* The ``next_expiry`` bound that lets a reserve skip the lease scan is shared through
+  the file: a lease written by another store (another process) is still swept on time,
+  a stale bound only costs a scan, and a missing bound row is rebuilt.
+* The lease encoding writes exactly what ``json.dumps`` wrote (schema-1 leases read
+  back unchanged) and floats round-trip bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from budgetguard.clock import FakeClock
+from budgetguard.stores import BucketSpec, Charge, ExpiredLease, ReserveRequest
+from budgetguard.stores.base import Held
+from budgetguard.stores.sqlite import (
+    SCHEMA_VERSION,
+    SQLiteStore,
+    _decode_held,
+    _encode_held,
+)
+
+T0 = 1_700_000_000.0
+TEAM = BucketSpec("team\x1fteam=search", 100.0, 0.5)
+POOL = BucketSpec("company-pool", 1000.0)
+
+# Schema 1, as budgetguard 0.1.0 wrote it.
+V1_SCHEMA = (
+    (
+        "CREATE TABLE buckets (key TEXT PRIMARY KEY, level REAL NOT NULL, updated_at REAL NOT NULL,"
+        " period_start REAL, spent REAL NOT NULL DEFAULT 0) WITHOUT ROWID"
+    ),
+    (
+        "CREATE TABLE leases (id TEXT PRIMARY KEY, held TEXT NOT NULL, expires_at REAL NOT NULL,"
+        " meta TEXT NOT NULL DEFAULT '') WITHOUT ROWID"
+    ),
+    "CREATE INDEX leases_by_expiry ON leases (expires_at)",
+    "PRAGMA user_version = 1",
+)
+
+
+def v1_held(spec: BucketSpec, took: float, lender: BucketSpec | None = None, lent: float = 0.0) -> str:
+    """A lease's ``held`` column as schema 1 wrote it."""
+
+    def row(s: BucketSpec) -> list[object]:
+        return [s.key, s.capacity, s.refill_per_second, s.period_start, s.period_end]
+
+    return json.dumps(
+        [[row(spec), row(lender) if lender else None, took, lent, None, None]],
+        separators=(",", ":"),
+    )
+
+
+def write_v1_file(path: Path) -> None:
+    """A schema-1 file: two buckets, a lease due at T0 + 10 and one due at T0 + 600."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in V1_SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO buckets VALUES (?, ?, ?, ?, ?)", (TEAM.key, 0.0, T0, None, 12.5))
+    conn.execute("INSERT INTO buckets VALUES (?, ?, ?, ?, ?)", (POOL.key, 970.0, T0, None, 0.0))
+    conn.execute(
+        "INSERT INTO leases VALUES (?, ?, ?, ?)", ("soon", v1_held(TEAM, 60.0, POOL, 30.0), T0 + 10, '{"w": 1}')
+    )
+    conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?)", ("later", v1_held(TEAM, 10.0), T0 + 600, ""))
+    conn.close()
+
+
+def next_expiry(path: Path) -> Any:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'").fetchall()
+    return rows[0][0] if rows else "missing"
+
+
+def tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+
+
+# -- migration from schema 1 ------------------------------------------------------------
+
+
+def test_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    write_v1_file(path)
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock) as store:
+        assert tables(path) == {"store"}  # the old tables and their index are gone
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert next_expiry(path) == T0 + 10
+        team = store.snapshot(TEAM)
+        assert (team.level, team.spent) == (0.0, 12.5)
+        assert store.snapshot(POOL).level == 970.0
+        assert store.open_reservations() == 2
+        clock.advance(11)  # "soon" is due; its bound says so without a scan of its own
+        result = store.reserve(ReserveRequest("new", (Charge(POOL, 1.0),), 60.0))
+        assert result.expired == (ExpiredLease("soon", (90.0,), '{"w": 1}'),)
+        assert store.settle("later", [4.0])  # a schema-1 lease settles like any other
+        assert store.settle("new", [1.0])
+        team, pool = store.snapshot(TEAM), store.snapshot(POOL)
+        assert (team.spent, pool.spent) == (12.5 + 60.0 + 4.0, 30.0 + 1.0)
+        assert store.open_reservations() == 0
+
+
+def test_concurrent_openers_migrate_once(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    write_v1_file(path)
+    errors: list[BaseException] = []
+    stores: list[SQLiteStore] = []
+    lock = threading.Lock()
+
+    def open_one() -> None:
+        try:
+            store = SQLiteStore(path, clock=FakeClock(start=T0))
+            with lock:
+                stores.append(store)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert stores[0].open_reservations() == 2
+    assert stores[0].snapshot(TEAM).spent == 12.5
+    for store in stores:
+        store.close()
+
+
+def test_a_schema_1_writer_cannot_write_to_a_migrated_file(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    write_v1_file(path)
+    SQLiteStore(path).close()
+    with sqlite3.connect(path) as conn, pytest.raises(sqlite3.OperationalError, match="no such table"):
+        conn.execute("UPDATE buckets SET spent = spent + 1")  # what an old process would run
+
+
+# -- the next_expiry bound ---------------------------------------------------------------
+
+
+def test_bound_follows_the_earliest_open_lease(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock) as store:
+        assert next_expiry(path) is None  # no lease open
+        assert store.reserve(ReserveRequest("a", (Charge(TEAM, 1.0),), 60.0)).ok
+        assert next_expiry(path) == T0 + 60
+        assert store.reserve(ReserveRequest("b", (Charge(TEAM, 1.0),), 600.0)).ok
+        assert next_expiry(path) == T0 + 60  # a later lease leaves it alone
+        assert store.reserve(ReserveRequest("c", (Charge(TEAM, 1.0),), 5.0)).ok
+        assert next_expiry(path) == T0 + 5  # a sooner one lowers it
+        assert store.settle("c", [1.0]) and store.settle("a", [1.0])
+        assert next_expiry(path) == T0 + 5  # stale but still a lower bound
+        clock.advance(6)
+        assert store.sweep() == ()  # the scan found nothing due ...
+        assert next_expiry(path) == T0 + 600  # ... and tightened the bound
+        assert store.settle("b", [1.0])
+        clock.advance(600)
+        assert store.reserve(ReserveRequest("d", (Charge(TEAM, 1.0),), 60.0)).ok
+        assert next_expiry(path) == T0 + 606 + 60  # scanned (nothing left), then lowered to "d"
+
+
+def test_lease_of_another_store_is_swept_on_time(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    clock = FakeClock(start=T0)
+    mine, theirs = SQLiteStore(path, clock=clock), SQLiteStore(path, clock=clock)
+    try:
+        assert mine.reserve(ReserveRequest("long", (Charge(TEAM, 10.0),), 600.0)).ok
+        assert theirs.reserve(ReserveRequest("short", (Charge(TEAM, 20.0),), 1.0, "m")).ok
+        clock.advance(2)
+        result = mine.reserve(ReserveRequest("next", (Charge(TEAM, 1.0),), 600.0))
+        assert result.expired == (ExpiredLease("short", (20.0,), "m"),)
+        assert theirs.sweep() == ()  # reported once
+        assert not theirs.settle("short", [1.0])
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def reserve_short_lease(path: str, start: float, ready: Any) -> None:
+    """Child process: reserve a 1-second lease and exit without settling it."""
+    store = SQLiteStore(path, clock=FakeClock(start=start))
+    ready.put(store.reserve(ReserveRequest("child", (Charge(TEAM, 30.0),), 1.0, "from child")).ok)
+    store.close()
+
+
+def test_lease_written_by_another_process_is_swept(tmp_path: Path) -> None:
+    path = tmp_path / "processes.db"
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock) as store:
+        assert store.reserve(ReserveRequest("mine", (Charge(TEAM, 10.0),), 600.0)).ok  # bound: T0 + 600
+        ctx = multiprocessing.get_context("spawn")
+        ready = ctx.Queue()
+        child = ctx.Process(target=reserve_short_lease, args=(str(path), T0, ready))
+        child.start()
+        assert ready.get(timeout=60) is True
+        child.join(30)
+        assert next_expiry(path) == T0 + 1  # the child lowered the shared bound
+        clock.advance(2)
+        assert store.sweep() == (ExpiredLease("child", (30.0,), "from child"),)
+        assert store.snapshot(TEAM).spent == 30.0
+        assert store.open_reservations() == 1
+
+
+def test_missing_bound_row_means_scan_and_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock) as store:
+        assert store.reserve(ReserveRequest("a", (Charge(TEAM, 5.0),), 1.0)).ok
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM store WHERE kind = 0")
+        clock.advance(2)
+        result = store.reserve(ReserveRequest("b", (Charge(TEAM, 5.0), Charge(POOL, 5.0)), 60.0))
+        assert result.ok and result.expired == (ExpiredLease("a", (5.0,), ""),)
+        assert next_expiry(path) == T0 + 2 + 60
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM store WHERE kind = 0")
+        clock.advance(60)
+        assert store.sweep() == (ExpiredLease("b", (5.0, 5.0), ""),)
+        assert next_expiry(path) is None
+
+
+def test_denied_reserve_still_sweeps_and_keeps_the_bound(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock) as store:
+        assert store.reserve(ReserveRequest("a", (Charge(POOL, 5.0),), 1.0)).ok
+        assert store.reserve(ReserveRequest("b", (Charge(POOL, 5.0),), 30.0)).ok
+        clock.advance(2)
+        result = store.reserve(ReserveRequest("big", (Charge(TEAM, 500.0),), 60.0))
+        assert not result.ok and result.expired == (ExpiredLease("a", (5.0,), ""),)
+        assert next_expiry(path) == T0 + 30
+        with pytest.raises(ValueError, match="already open"):
+            store.reserve(ReserveRequest("b", (Charge(TEAM, 500.0),), 60.0))
+
+
+# -- the lease encoding ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        [Held(BucketSpec("b", 1e15), None, 100.0, 0.0, None, None)],
+        [
+            Held(
+                BucketSpec('ключ "q" \\ \x1f é', 0.1 + 0.2, 1 / 3, 1_700_000_000.123456, 1_700_086_400.0),
+                BucketSpec("pool", 5e-324, 0.0, 0.0, None),
+                1e-7,
+                2.5e300,
+                1_700_000_000.123456,
+                0.0,
+            ),
+            Held(BucketSpec("ints", 100, 0, None, None), None, 3, 0, None, None),
+            Held(BucketSpec("neg", 10.0), None, -0.0, -1.5, None, None),
+        ],
+    ],
+)
+def test_lease_encoding_is_what_json_dumps_wrote(held: list[Held]) -> None:
+    def row(s: BucketSpec) -> list[object]:
+        return [s.key, s.capacity, s.refill_per_second, s.period_start, s.period_end]
+
+    expected = json.dumps(
+        [[row(h.bucket), row(h.lender) if h.lender else None, h.took, h.lent, h.period, h.lender_period] for h in held],
+        separators=(",", ":"),
+    )
+    text = _encode_held(held)
+    assert text == expected
+    assert _decode_held(text) == held
+    for a, b in zip(_decode_held(text), held):
+        assert [type(v) for v in (a.took, a.lent)] == [type(v) for v in (b.took, b.lent)]
