@@ -15,15 +15,22 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+from uuid import uuid4
 
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.base import RunnableBindingBase
+from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field
 from typing_extensions import override
 
 from budgetguard.budgets import Budget
 from budgetguard.clock import Clock, SystemClock
-from budgetguard.errors import BudgetExceeded, ConfigurationError, ContextWindowExceeded, StoreUnavailable
+from budgetguard.errors import (
+    BudgetExceeded,
+    ConfigurationError,
+    ContextWindowExceeded,
+    StoreUnavailable,
+)
 from budgetguard.estimate import TokenEstimator
 from budgetguard.flow import Flow, Reserve, adrive, drive
 from budgetguard.pricing import PriceTable
@@ -64,6 +71,10 @@ class BudgetGuard:
         fail_open: When the store is unreachable, let calls through (logged, recorded)
             instead of raising :class:`~budgetguard.errors.StoreUnavailable`.
         clock: Time source; inject :class:`~budgetguard.clock.FakeClock` in tests.
+        meter_in_place: Let ``guard | chain`` meter the chat models of a chain it can see
+            through inside the models themselves (a metered copy of each), with no
+            callback handler; ``False`` always meters through callback handlers. See
+            :mod:`budgetguard.metered`.
 
     Raises:
         ConfigurationError: Duplicate budget names, ``borrow_from`` naming no global
@@ -88,8 +99,10 @@ class BudgetGuard:
         lease_seconds: float = 600.0,
         fail_open: bool = False,
         clock: Clock | None = None,
+        meter_in_place: bool = True,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
+        self.meter_in_place = meter_in_place
         self.budgets: dict[str, Budget] = _validate_budgets(budgets)
         self._lenders = {b.borrow_from for b in self.budgets.values() if b.borrow_from}
         self._charged = tuple(b for b in self.budgets.values() if b.name not in self._lenders)
@@ -110,6 +123,8 @@ class BudgetGuard:
         self.fail_open = fail_open
         self._uses_usd = any(b.unit == "usd" for b in self.budgets.values())
         self._handoff: dict[str, Ticket] = {}
+        self.uid = uuid4().hex[:12]
+        """Tells this guard's entries in run metadata from another guard's."""
 
     # -- composition -------------------------------------------------------------------
 
@@ -125,11 +140,15 @@ class BudgetGuard:
         """
         from langchain_core.runnables.base import coerce_to_runnable
 
+        from budgetguard.metered import meter_in_place
         from budgetguard.model import reach_models
 
         bound = coerce_to_runnable(runnable)
         if any(p.rewrites for p in self.policies):
-            bound = reach_models(bound, self)
+            return GuardedRunnable(bound=reach_models(bound, self), guard=self)
+        in_place = meter_in_place(bound, self) if self.meter_in_place else None
+        if in_place is not None:
+            return GuardedRunnable(bound=in_place, guard=self, in_place=True)
         return GuardedRunnable(bound=bound, guard=self)
 
     def model(self, llm: Any) -> Any:
@@ -471,17 +490,31 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
 
     guard: Any = Field(default=None, exclude=True)
     """The guard metering this runnable."""
+    in_place: bool = False
+    """Whether the wrapped chain's models meter themselves (no callback meters needed)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    def __init__(self, *, bound: Runnable[Any, Any], guard: BudgetGuard, **kwargs: Any) -> None:
+    def __init__(self, *, bound: Runnable[Any, Any], guard: BudgetGuard, in_place: bool = False, **kwargs: Any) -> None:
         """Wrap ``bound``; use ``guard | runnable`` rather than calling this."""
-        from budgetguard.meter import meters_for
+        super().__init__(bound=bound, guard=guard, in_place=in_place, **kwargs)
 
-        def attach_meters(config: RunnableConfig) -> RunnableConfig:
-            return {"callbacks": meters_for(guard, config)}
+    @override
+    def _merge_configs(self, *configs: RunnableConfig | None) -> RunnableConfig:
+        """The config for one invocation: the caller's, plus the guard's meters or scopes.
 
-        super().__init__(bound=bound, guard=guard, config_factories=[attach_meters], **kwargs)
+        Raises:
+            MissingScopeError: A per-key budget has no value in the config (nothing runs).
+        """
+        if len(configs) == 1 and not self.config and not self.config_factories:
+            config = ensure_config(configs[0])  # a fresh dict: ours to change
+        else:
+            config = super()._merge_configs(*configs)
+        if self.in_place:
+            _pass_scopes(self.guard, config)
+        else:
+            _attach_meters(self.guard, config)
+        return config
 
     @classmethod
     @override
@@ -491,6 +524,35 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
     @override
     def __repr__(self) -> str:
         return f"BudgetGuard | {self.bound!r}"
+
+
+def _attach_meters(guard: BudgetGuard, config: RunnableConfig) -> None:
+    from budgetguard.meter import meters_for
+
+    meters = meters_for(guard, config)
+    callbacks = config.get("callbacks")
+    if callbacks is None:
+        config["callbacks"] = meters
+    elif isinstance(callbacks, list):
+        config["callbacks"] = [*callbacks, *meters]
+    else:  # a callback manager: LangChain's merge_configs adds handlers to a copy the same way
+        manager = callbacks.copy()
+        for meter in meters:
+            manager.add_handler(meter, inherit=True)
+        config["callbacks"] = manager
+
+
+def _pass_scopes(guard: BudgetGuard, config: RunnableConfig) -> None:
+    from budgetguard.metered import SCOPES_KEY
+
+    scopes = guard.scopes_for(config)
+    root = config.get("run_id")
+    if root is None:
+        root = config["run_id"] = uuid4()  # the guarded run's id, so the ledger can group its calls
+    configurable = config.get("configurable") or {}
+    mine = {guard.uid: (scopes, root)}
+    outer = configurable.get(SCOPES_KEY)
+    config["configurable"] = {**configurable, SCOPES_KEY: {**outer, **mine} if outer else mine}
 
 
 def running_loop() -> bool:

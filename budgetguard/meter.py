@@ -41,7 +41,17 @@ if TYPE_CHECKING:
 
     from budgetguard.guard import BudgetGuard
 
-__all__ = ["HANDOFF_KEY", "WRAPPER_KEY", "AsyncMeter", "Invocation", "SyncMeter", "meters_for"]
+__all__ = [
+    "HANDOFF_KEY",
+    "WRAPPER_KEY",
+    "AsyncMeter",
+    "Invocation",
+    "SyncMeter",
+    "build_call",
+    "decorate",
+    "meters_for",
+    "outcome",
+]
 
 logger = logging.getLogger("budgetguard")
 
@@ -91,27 +101,18 @@ class Invocation:
     ) -> Call:
         """Build and estimate the call LangChain is about to send."""
         params = kwargs.get("invocation_params") or {}
-        model = model_from_params(params, serialized)
-        flat_messages = [m for batch in messages for m in batch] if messages is not None else None
-        estimate = self.guard.estimator.estimate(
-            model=model,
-            invocation_params=params,
-            messages=flat_messages,
-            prompts=list(prompts) if prompts is not None else None,
-        )
         if self.root_run_id is None:
             self.root_run_id = kwargs.get("parent_run_id") or run_id
-        return Call(
+        return build_call(
+            self.guard,
             run_id=run_id,
-            model=model,
-            estimate=estimate,
-            messages=flat_messages,
-            prompts=list(prompts) if prompts is not None else None,
+            model=model_from_params(params, serialized),
             params=params,
+            messages=[m for batch in messages for m in batch] if messages is not None else None,
+            prompts=list(prompts) if prompts is not None else None,
             scopes=self.scopes,
-            model_requested=model,
-            tags=tuple(kwargs.get("tags") or ()),
-            metadata=kwargs.get("metadata") or {},
+            tags=kwargs.get("tags"),
+            metadata=kwargs.get("metadata"),
             parent_run_id=kwargs.get("parent_run_id"),
             root_run_id=self.root_run_id,
         )
@@ -135,50 +136,87 @@ class Invocation:
         self.tickets[run_id] = ticket
         return True
 
-    # -- end ---------------------------------------------------------------------------
+def build_call(
+    guard: BudgetGuard,
+    *,
+    run_id: UUID,
+    model: str | None,
+    params: Mapping[str, Any],
+    messages: list[BaseMessage] | None,
+    prompts: list[str] | None,
+    scopes: Mapping[str, Mapping[str, str]],
+    tags: Sequence[str] | None,
+    metadata: Mapping[str, Any] | None,
+    parent_run_id: UUID | None,
+    root_run_id: UUID | None,
+) -> Call:
+    """Estimate a call about to be sent and describe it for the guard."""
+    estimate = guard.estimator.estimate(model=model, invocation_params=params, messages=messages, prompts=prompts)
+    return Call(
+        run_id=run_id,
+        model=model,
+        estimate=estimate,
+        messages=messages,
+        prompts=prompts,
+        params=params,
+        scopes=scopes,
+        model_requested=model,
+        tags=tuple(tags or ()),
+        metadata=metadata or {},
+        parent_run_id=parent_run_id,
+        root_run_id=root_run_id,
+    )
 
-    def outcome(
-        self, ticket: Ticket, response: LLMResult | None, error: BaseException | None
-    ) -> tuple[Usage | None, str, UsageError | None]:
-        """What to settle a finished (or failed) call with, and how to record it."""
-        outcome = policy_outcome(ticket.call.policy) if error is None else "error"
-        if response is None or not any(response.generations):
-            return None, outcome, None  # nothing came back: release the reservation
-        if _is_cache_hit(response):
-            return Usage(0, 0), "ok", None
-        try:
-            usage = usage_from_result(response)
-        except UsageError as exc:
-            est = ticket.call.estimate
-            bad = UsageError(
-                f"{ticket.call.model or 'the model'} reported malformed usage ({exc}); the call was charged "
-                f"its reservation ({est.input_tokens + est.output_tokens:,} tokens). Check the provider "
-                "integration, or report it."
-            )
-            return Usage(est.input_tokens, est.output_tokens), "error", bad
-        if usage is None:
-            # No usage reported (a stream without a usage chunk, a stopped or broken
-            # stream): count what came back and charge the prompt as estimated.
-            text = _generated_text(response)
-            if error is not None and not text:
-                return None, outcome, None
-            output = self.guard.estimator.count_text(text, ticket.call.model) if text else 0
-            usage = Usage(ticket.call.estimate.input_tokens, output)
-        return usage, outcome, None
 
-    def decorate(self, ticket: Ticket, response: LLMResult | None, usage: Usage | None) -> None:
-        """Put the guard's decision where traces and the caller can see it."""
-        if response is None:
-            return
-        summary = ticket.summary()
-        if usage is not None:
-            summary["input_tokens"] = usage.input_tokens
-            summary["output_tokens"] = usage.output_tokens
-        response.llm_output = {**(response.llm_output or {}), "budgetguard": summary}
-        for gens in response.generations:
-            for gen in gens:
-                if isinstance(gen, ChatGeneration):
-                    gen.message.response_metadata["budgetguard"] = summary
+def outcome(
+    guard: BudgetGuard, ticket: Ticket, response: LLMResult | None, error: BaseException | None
+) -> tuple[Usage | None, str, UsageError | None]:
+    """What to settle a finished (or failed) call with, and how to record it.
+
+    Returns:
+        The usage to settle (``None``: release the reservation), the ledger outcome, and
+        a :class:`UsageError` to raise after settling when the model reported malformed
+        usage (the call is then charged its reservation).
+    """
+    outcome = policy_outcome(ticket.call.policy) if error is None else "error"
+    if response is None or not any(response.generations):
+        return None, outcome, None  # nothing came back: release the reservation
+    if _is_cache_hit(response):
+        return Usage(0, 0), "ok", None
+    try:
+        usage = usage_from_result(response)
+    except UsageError as exc:
+        est = ticket.call.estimate
+        bad = UsageError(
+            f"{ticket.call.model or 'the model'} reported malformed usage ({exc}); the call was charged "
+            f"its reservation ({est.input_tokens + est.output_tokens:,} tokens). Check the provider "
+            "integration, or report it."
+        )
+        return Usage(est.input_tokens, est.output_tokens), "error", bad
+    if usage is None:
+        # No usage reported (a stream without a usage chunk, a stopped or broken
+        # stream): count what came back and charge the prompt as estimated.
+        text = _generated_text(response)
+        if error is not None and not text:
+            return None, outcome, None
+        output = guard.estimator.count_text(text, ticket.call.model) if text else 0
+        usage = Usage(ticket.call.estimate.input_tokens, output)
+    return usage, outcome, None
+
+
+def decorate(ticket: Ticket, response: LLMResult | None, usage: Usage | None) -> None:
+    """Put the guard's decision where traces and the caller can see it."""
+    if response is None:
+        return
+    summary = ticket.summary()
+    if usage is not None:
+        summary["input_tokens"] = usage.input_tokens
+        summary["output_tokens"] = usage.output_tokens
+    response.llm_output = {**(response.llm_output or {}), "budgetguard": summary}
+    for gens in response.generations:
+        for gen in gens:
+            if isinstance(gen, ChatGeneration):
+                gen.message.response_metadata["budgetguard"] = summary
 
 
 def policy_outcome(policy: str | None) -> str:
@@ -264,9 +302,9 @@ class SyncMeter(_ModelEvents, BaseCallbackHandler):
         if ticket is None or ticket.owner != "sync":
             return
         del self.inv.tickets[run_id]
-        usage, outcome, bad = self.inv.outcome(ticket, response, error)
-        self.inv.guard.settle(ticket, usage, outcome=outcome, error=error or bad)
-        self.inv.decorate(ticket, response, usage)
+        usage, result, bad = outcome(self.inv.guard, ticket, response, error)
+        self.inv.guard.settle(ticket, usage, outcome=result, error=error or bad)
+        decorate(ticket, response, usage)
         if bad is not None:
             raise bad
 
@@ -306,9 +344,9 @@ class AsyncMeter(_ModelEvents, AsyncCallbackHandler):
         if ticket is None or ticket.owner != "async":
             return
         del self.inv.tickets[run_id]
-        usage, outcome, bad = self.inv.outcome(ticket, response, error)
-        await self.inv.guard.asettle(ticket, usage, outcome=outcome, error=error or bad)
-        self.inv.decorate(ticket, response, usage)
+        usage, result, bad = outcome(self.inv.guard, ticket, response, error)
+        await self.inv.guard.asettle(ticket, usage, outcome=result, error=error or bad)
+        decorate(ticket, response, usage)
         if bad is not None:
             raise bad
 

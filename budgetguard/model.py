@@ -27,14 +27,19 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableParallel, RunnableSequence
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableParallel,
+    RunnableSequence,
+)
 from langchain_core.runnables.config import ensure_config
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from pydantic import ConfigDict, Field
 from typing_extensions import override
 
 from budgetguard.estimate import model_from_params
-from budgetguard.meter import HANDOFF_KEY, WRAPPER_KEY, SyncMeter
+from budgetguard.meter import HANDOFF_KEY, WRAPPER_KEY, SyncMeter, build_call
 from budgetguard.tickets import Call, Ticket
 from budgetguard.usage import Usage, usage_from_message
 
@@ -88,22 +93,19 @@ class GuardedChatModel(BaseChatModel):
 
     def _plan(self, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any, kwargs: dict) -> Call:
         params = self.inner._get_invocation_params(stop=stop, **kwargs)
-        model = model_from_params(params, None)
-        scopes = _scopes(self.guard, run_manager)
         run_id = run_manager.run_id if run_manager is not None else None
-        estimate = self.guard.estimator.estimate(model=model, invocation_params=params, messages=messages)
-        return Call(
+        return build_call(
+            self.guard,
             run_id=run_id or uuid4(),
-            model=model,
-            estimate=estimate,
+            model=model_from_params(params, None),
+            params=params,
             messages=list(messages),
             prompts=None,
-            params=params,
-            scopes=scopes,
-            model_requested=model,
-            tags=tuple(getattr(run_manager, "tags", None) or ()),
+            scopes=_scopes(self.guard, run_manager),
+            tags=getattr(run_manager, "tags", None),
             metadata=dict(getattr(run_manager, "metadata", None) or {}),
             parent_run_id=getattr(run_manager, "parent_run_id", None),
+            root_run_id=None,
         )
 
     def _route(

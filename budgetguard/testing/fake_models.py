@@ -45,12 +45,17 @@ class UsageFakeChatModel(BaseChatModel):
     """When streaming, raise after this many chunks."""
     on_call: Any = None
     """Called with no arguments while each request is 'in flight' (tests peek at budgets)."""
-    calls: int = 0
-    """How many requests were 'sent'."""
     seen_max_tokens: list[int | None] = Field(default_factory=list)
     """The output cap each request was sent with."""
     seen_messages: list[list[BaseMessage]] = Field(default_factory=list)
     """The messages each request was sent with."""
+    seen_models: list[str] = Field(default_factory=list)
+    """The ``model_name`` of the object that answered each request (copies share these lists)."""
+
+    @property
+    def calls(self) -> int:
+        """How many requests were 'sent' (shared with copies, e.g. the guard's metered copy)."""
+        return len(self.seen_messages)
 
     @property
     def _llm_type(self) -> str:
@@ -66,10 +71,10 @@ class UsageFakeChatModel(BaseChatModel):
         if self.fail_with is not None:
             raise self.fail_with
         cap = kwargs.get("max_tokens", self.max_tokens)
+        text = self.replies[self.calls % len(self.replies)]
         self.seen_max_tokens.append(cap)
         self.seen_messages.append(list(messages))
-        text = self.replies[self.calls % len(self.replies)]
-        self.calls += 1
+        self.seen_models.append(self.model_name)
         words = text.split(" ")
         if cap is not None:
             words = words[:cap]

@@ -16,11 +16,20 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI, OpenAI
 from pydantic import BaseModel
 
+import budgetguard.metered
 from budgetguard import Budget, BudgetExceeded, BudgetGuard, ContextWindowExceeded
 from budgetguard.policies import cheaper_model, compress_prompt
 from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, StubOpenAIServer
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assistant."), ("human", "{q}")])
+
+
+@pytest.fixture(autouse=True, params=["in-place", "callbacks"])
+def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with ChatOpenAI metered in place and through the callback meters."""
+    if request.param == "callbacks":
+        monkeypatch.setattr(budgetguard.metered, "meter_in_place", lambda runnable, guard: None)
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 
+import budgetguard.metered
 from budgetguard import (
     Budget,
     BudgetExceeded,
@@ -23,6 +24,16 @@ from budgetguard import (
 )
 from budgetguard.clock import FakeClock
 from budgetguard.testing.fake_models import UsageFakeChatModel, UsageFakeLLM
+
+
+
+@pytest.fixture(autouse=True, params=["in-place", "callbacks"])
+def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with the models metered in place and through the callback meters."""
+    if request.param == "callbacks":
+        monkeypatch.setattr(budgetguard.metered, "meter_in_place", lambda runnable, guard: None)
+    return str(request.param)
+
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "You are terse."), ("human", "{q}")])
 ALICE = {"configurable": {"user_id": "alice"}}

@@ -1,0 +1,129 @@
+"""Models metered in place: when ``guard | chain`` uses them, and what they keep of the model."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnableParallel, RunnablePassthrough
+
+from budgetguard import Budget, BudgetGuard, MissingScopeError
+from budgetguard.ledger import Ledger
+from budgetguard.metered import metered_by
+from budgetguard.testing.fake_models import UsageFakeChatModel
+
+PROMPT = ChatPromptTemplate.from_messages([("system", "You are terse."), ("human", "{q}")])
+
+
+def model(**kw: Any) -> UsageFakeChatModel:
+    kw.setdefault("max_tokens", 20)
+    kw.setdefault("replies", ["one two three"])
+    return UsageFakeChatModel(**kw)
+
+
+def test_a_chain_it_sees_through_gets_no_callback_meters() -> None:
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    llm = model()
+    chain = guard | (RunnablePassthrough.assign(q=lambda x: x["q"]).pick("q") | (lambda q: {"q": q}) | PROMPT | llm)
+    assert not chain.in_place  # lambdas could call a model the guard cannot see
+    chain = guard | (RunnableParallel(a=PROMPT | llm, b=PROMPT | llm) | RunnablePassthrough())
+    assert chain.in_place
+    config = chain._merge_configs({"configurable": {}})
+    assert not config.get("callbacks")  # nothing for LangChain to dispatch to
+
+
+def test_the_metered_copy_is_still_the_models_class_and_the_original_is_untouched() -> None:
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    llm = model(input_tokens=10)
+    chain = guard | (PROMPT | llm)
+    copy = chain.bound.steps[1]
+    assert copy is not llm
+    assert isinstance(copy, UsageFakeChatModel)
+    assert type(copy).__name__ == "UsageFakeChatModel"
+    assert copy.get_name() == llm.get_name()
+    assert (metered_by(copy), metered_by(llm)) == (guard, None)
+    assert type(llm) is UsageFakeChatModel
+    chain.invoke({"q": "hi"})
+    assert guard.remaining("g") == 1000 - 13
+    (PROMPT | llm).invoke({"q": "hi"})  # the user's own model, used outside the guard
+    assert guard.remaining("g") == 1000 - 13
+    assert llm.calls == 2  # copies share the fake's records
+
+
+def test_tools_and_structured_output_bind_on_the_metered_copy() -> None:
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    chain = guard | (PROMPT | model(input_tokens=10).bind(stop=["\n"]))
+    assert chain.in_place
+    assert chain.invoke({"q": "hi"}).content == "one two three"
+    assert guard.remaining("g") == 1000 - 13
+
+
+def test_missing_scope_raises_before_anything_runs() -> None:
+    guard = BudgetGuard([Budget("u", limit=1000, per="user_id")], ledger=False)
+    llm = model()
+    with pytest.raises(MissingScopeError):
+        (guard | (PROMPT | llm)).invoke({"q": "hi"})
+    assert llm.calls == 0
+
+
+def test_nested_guards_each_charge_their_own_budgets() -> None:
+    inner = BudgetGuard([Budget("team", limit=1000, per="team")], ledger=False)
+    outer = BudgetGuard([Budget("org", limit=5000)], ledger=False)
+    chain = outer | (inner | (PROMPT | model(input_tokens=10)))
+    assert not chain.in_place  # the inner guard is opaque to the outer one: callbacks there
+    assert chain.bound.in_place
+    chain.invoke({"q": "hi"}, {"configurable": {"team": "red"}})
+    assert (inner.remaining("team", team="red"), outer.remaining("org")) == (1000 - 13, 5000 - 13)
+
+
+def test_the_ledger_groups_the_calls_of_one_invocation_under_its_run_id(tmp_path: Any) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    guard = BudgetGuard([Budget("g", limit=10_000)], ledger=ledger)
+    llm = model(input_tokens=10)
+    chain = guard | (RunnableParallel(a=PROMPT | llm, b=PROMPT | llm))
+    run_id = uuid.uuid4()
+    chain.invoke({"q": "hi"}, {"run_id": run_id})
+    chain.invoke({"q": "hi"})
+    ledger.flush()
+    assert ledger.run_cost(str(run_id)).calls == 2
+    rows = list(ledger.records())
+    assert len(rows) == 4 and len({r.run_id for r in rows}) == 4  # each model run has its own id
+    ledger.close()
+
+
+def test_a_failed_call_releases_its_reservation() -> None:
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    chain = guard | (PROMPT | model(fail_with=ConnectionError("down")))
+    with pytest.raises(ConnectionError):
+        chain.invoke({"q": "hi"})
+    assert (guard.remaining("g"), guard.store.open_reservations()) == (1000, 0)
+
+
+def test_stream_events_v3_is_metered_through_the_callback_meters() -> None:
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    chain = guard | model(input_tokens=10)
+    assert chain.in_place
+    stream = chain.stream_events("hi", version="v3")
+    assert "one two three" in str(stream.output.content)
+    assert guard.remaining("g") == 1000 - 13
+    assert guard.store.open_reservations() == 0
+
+
+async def test_a_model_called_in_a_thread_by_the_default_async_path_is_metered_once() -> None:
+    # UsageFakeChatModel has no native async path: LangChain runs _generate in a thread.
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    chain = guard | (PROMPT | model(input_tokens=10))
+    await chain.ainvoke({"q": "hi"})
+    await chain.abatch([{"q": "a"}, {"q": "b"}])
+    assert guard.remaining("g") == 1000 - 3 * 13
+
+
+def test_a_lambda_calling_a_model_still_gets_metered_through_callbacks() -> None:
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    llm = model(input_tokens=10)
+    chain = guard | (PROMPT | RunnableLambda(lambda p, config: llm.invoke(p, config)))
+    assert not chain.in_place
+    chain.invoke({"q": "hi"})
+    assert guard.remaining("g") == 1000 - 13
