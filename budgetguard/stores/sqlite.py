@@ -6,12 +6,13 @@ processes take turns through SQLite's write lock (WAL mode: readers never wait).
 
 Layout (``PRAGMA user_version`` holds the schema version, 2)::
 
-    store(kind, key, level, updated_at, period_start, spent, expires_at, held, meta)
+    store(kind, key, level, updated_at, period_start, spent, expires_at, held, meta, bucket)
         PRIMARY KEY (kind, key), WITHOUT ROWID
     kind 0: the meta row ``next_expiry``: ``expires_at`` is a lower bound of every open
             lease's expiry (NULL: no lease is open)
     kind 1: a bucket (``key`` = bucket key; level, updated_at, period_start, spent)
-    kind 2: a lease (``key`` = reservation id; expires_at, held JSON, meta)
+    kind 2: a lease (``key`` = reservation id; expires_at, held JSON, meta, and ``bucket``:
+            its first charge's bucket key, so settle reads lease and bucket in one query)
 
 Why one table: a commit writes every B-tree page it changed to the WAL (about 5 us per
 4 KiB page here), and a reservation's bucket row and lease row in one B-tree usually
@@ -71,7 +72,7 @@ _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS store ("
         " kind INTEGER NOT NULL, key TEXT NOT NULL,"
         " level REAL, updated_at REAL, period_start REAL, spent REAL,"
-        " expires_at REAL, held TEXT, meta TEXT,"
+        " expires_at REAL, held TEXT, meta TEXT, bucket TEXT,"
         " PRIMARY KEY (kind, key)) WITHOUT ROWID"
     ),
     "INSERT OR IGNORE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', NULL)",
@@ -103,8 +104,13 @@ _NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expi
 _SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
 _SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
 _LEASES = "SELECT key, held, meta, expires_at FROM store WHERE kind = 2"
-_INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta) VALUES (2, ?, ?, ?, ?)"
-_TAKE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ? RETURNING held"
+_INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta, bucket) VALUES (2, ?, ?, ?, ?, ?)"
+# Settle's first query: the lease, and its first bucket joined to it (a schema-1 lease has
+# no ``bucket``: its buckets are read by a second query).
+_LEASE_AND_BUCKET = (
+    "SELECT l.held, l.bucket, b.level, b.updated_at, b.period_start, b.spent FROM store AS l"
+    " LEFT JOIN store AS b ON b.kind = 1 AND b.key = l.bucket WHERE l.kind = 2 AND l.key = ?"
+)
 _DELETE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ?"
 _IS_OPEN = "SELECT 1 FROM store WHERE kind = 2 AND key = ?"
 _COUNT_LEASES = "SELECT count(*) FROM store WHERE kind = 2"
@@ -112,6 +118,12 @@ _COUNT_LEASES = "SELECT count(*) FROM store WHERE kind = 2"
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 Buckets = dict[str, "BucketState | None"]
+
+_RESERVED = ReserveResult(True)
+"""The common outcome (granted, nothing expired); frozen, so one instance serves all."""
+
+_MEMO_SIZE = 4096
+"""Leases whose decoded ``held`` a store remembers for their settle (oldest dropped first)."""
 
 
 class _Contended(Exception):
@@ -187,8 +199,11 @@ def _held_keys(held: Iterable[Held]) -> list[str]:
 
 
 def _request_keys(request: ReserveRequest) -> list[str]:
+    charges = request.charges
+    if len(charges) == 1 and charges[0].lender is None:
+        return [charges[0].bucket.key]
     keys: dict[str, None] = {}
-    for charge in request.charges:
+    for charge in charges:
         keys[charge.bucket.key] = None
         if charge.lender is not None:
             keys[charge.lender.key] = None
@@ -257,6 +272,9 @@ class SQLiteStore:
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._in_sql: dict[tuple[str, int], str] = {}
+        # Reservation id -> (held JSON, decoded held) of leases this store wrote, used by
+        # their settle only when the row read back has the very same text.
+        self._memo: dict[str, tuple[str, list[Held]]] = {}
         _forget_connections_on_fork(self)
         # Open (and create) the file now so that a wrong path fails at start-up.
         self._run(lambda: self._connection() and None)
@@ -270,6 +288,7 @@ class SQLiteStore:
         self._conns = []
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._memo = {}
 
     def _connection(self) -> sqlite3.Connection:
         conn = self._local.conn
@@ -387,7 +406,9 @@ class SQLiteStore:
 
         def attempt() -> T:
             lock = self._write_lock
-            if not (lock.acquire(timeout=self.busy_timeout) if self.busy_timeout > 0 else lock.acquire(blocking=False)):
+            if not (
+                lock.acquire(blocking=False) or (self.busy_timeout > 0 and lock.acquire(timeout=self.busy_timeout))
+            ):
                 msg = "database is locked (another thread of this process held the write lock past busy_timeout)"
                 raise sqlite3.OperationalError(msg)
             try:
@@ -510,6 +531,8 @@ class SQLiteStore:
         buckets.update(touched)
         self._save(conn, touched)
         conn.executemany(_DELETE_LEASE, [(rid,) for rid, _, _ in leases])
+        for rid, _, _ in leases:
+            self._memo.pop(rid, None)
         return expired, next_expiry
 
     # -- protocol -------------------------------------------------------------------
@@ -538,16 +561,28 @@ class SQLiteStore:
             return ReserveResult(False, outcome, expired)
         self._save(conn, touched)
         expires_at = now + request.lease_seconds
+        held = _encode_held(outcome)
         try:
-            conn.execute(
-                _INSERT_LEASE,
-                (request.id, expires_at, _encode_held(outcome), request.meta),
-            )
+            conn.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta, request.charges[0].bucket.key))
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
             conn.execute(_SET_NEXT_EXPIRY, (expires_at,))
-        return ReserveResult(True, None, expired)
+        self._remember(request.id, held, outcome)
+        return ReserveResult(True, None, expired) if expired else _RESERVED
+
+    def _remember(self, reservation_id: str, text: str, held: list[Held]) -> None:
+        memo = self._memo
+        if len(memo) >= _MEMO_SIZE:  # leases settled elsewhere or swept would pile up
+            del memo[next(iter(memo))]
+        memo[reservation_id] = (text, held)
+
+    def _recall(self, reservation_id: str, text: str) -> list[Held]:
+        """The decoded ``held`` of a lease row: remembered if this store wrote that very text."""
+        known = self._memo.pop(reservation_id, None)
+        if known is not None and known[0] == text:
+            return known[1]
+        return _decode_held(text)
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Settle once; later calls for the same id (or after expiry) return ``False``.
@@ -565,14 +600,18 @@ class SQLiteStore:
         reservation_id: str,
         actuals: Sequence[float] | None,
     ) -> bool:
-        row = conn.execute(_TAKE_LEASE, (reservation_id,)).fetchone()
+        row = conn.execute(_LEASE_AND_BUCKET, (reservation_id,)).fetchone()
         if row is None:
             return False
-        held = _decode_held(row[0])
+        text, first_key, level, updated_at, period_start, spent = row
+        held = self._recall(reservation_id, text)
         if actuals is not None and len(actuals) < len(held):
             msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
-            raise ValueError(msg)  # rolls the delete back
+            raise ValueError(msg)  # nothing was changed
+        conn.execute(_DELETE_LEASE, (reservation_id,))
         buckets: Buckets = {}
+        if first_key is not None:
+            buckets[first_key] = None if level is None else BucketState(level, updated_at, period_start, spent)
         self._load(conn, _held_keys(held), buckets)
         touched: dict[str, BucketState] = {}
         apply_settle(self._getter(buckets, touched, now), held, actuals)

@@ -282,3 +282,36 @@ def test_lease_encoding_is_what_json_dumps_wrote(held: list[Held]) -> None:
     assert _decode_held(text) == held
     for a, b in zip(_decode_held(text), held):
         assert [type(v) for v in (a.took, a.lent)] == [type(v) for v in (b.took, b.lent)]
+
+
+# -- the settle memo ----------------------------------------------------------------------
+
+
+def test_settle_uses_the_memo_only_for_the_very_lease_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "memo.db"
+    clock = FakeClock(start=T0)
+    first, second = SQLiteStore(path, clock=clock), SQLiteStore(path, clock=clock)
+    try:
+        assert first.reserve(ReserveRequest("same-id", (Charge(TEAM, 10.0),), 60.0)).ok
+        assert second.settle("same-id", [10.0])  # no memo there: decoded from the row
+        assert second.reserve(ReserveRequest("same-id", (Charge(POOL, 40.0),), 60.0)).ok
+        assert first.settle("same-id", [25.0])  # its memo holds the old lease: not used
+        team, pool = first.snapshot(TEAM), first.snapshot(POOL)
+        assert (team.level, team.spent) == (90.0, 10.0)
+        assert (pool.level, pool.spent) == (975.0, 25.0)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_memo_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from budgetguard.stores import sqlite as module
+
+    monkeypatch.setattr(module, "_MEMO_SIZE", 3)
+    with SQLiteStore(tmp_path / "bounded.db", clock=FakeClock(start=T0)) as store:
+        for i in range(10):
+            assert store.reserve(ReserveRequest(f"r{i}", (Charge(POOL, 1.0),), 60.0)).ok
+        assert list(store._memo) == ["r7", "r8", "r9"]
+        assert all(store.settle(f"r{i}", [0.5]) for i in range(10))  # remembered or not
+        assert store.snapshot(POOL).spent == 5.0
+        assert store._memo == {}
