@@ -24,7 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,142 @@ def bench_sqlite(rounds: int, ops: int, workdir: Path) -> tuple[float, float]:
     return ours, raw
 
 
+class _Recorder:
+    """Stands in for a store's connection: records each statement, then runs it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.log: list[tuple[str, tuple[object, ...]]] = []
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
+        self.log.append((sql, tuple(params)))
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> sqlite3.Cursor:
+        rows = list(rows)
+        self.log.extend((sql, tuple(r)) for r in rows)
+        return self.conn.executemany(sql, rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+Log = list[tuple[str, tuple[object, ...]]]
+
+
+def _wal_size(path: Path) -> int:
+    wal = Path(f"{path}-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def _pair_profile(
+    path: Path, ops: int, reserve: Callable[[int], object], settle: Callable[[int], object]
+) -> list[float]:
+    """Mean us per reserve and per settle, then WAL pages each commit wrote."""
+    clock = time.perf_counter
+    times: list[list[float]] = [[], []]
+    for i in range(ops):
+        started = clock()
+        reserve(i)
+        middle = clock()
+        settle(i)
+        times[0].append(middle - started)
+        times[1].append(clock() - middle)
+    with sqlite3.connect(path) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    grew = [0, 0]
+    for i in range(ops, ops + 200):
+        before = _wal_size(path)
+        reserve(i)
+        middle = _wal_size(path)
+        settle(i)
+        grew[0] += middle - before
+        grew[1] += _wal_size(path) - middle
+    return [statistics.fmean(t) * 1e6 for t in times] + [g / 200 / (page_size + 24) for g in grew]
+
+
+def _replay(conn: sqlite3.Connection, logs: list[Log], ops: int) -> list[list[float]]:
+    """Run the statements of ``logs`` in turn, ``ops`` times; us per run of each statement."""
+    execute, clock = conn.execute, time.perf_counter
+    spent = [[0.0] * len(log) for log in logs]
+    for _ in range(ops):
+        for log, acc in zip(logs, spent):
+            for k, (sql, params) in enumerate(log):
+                started = clock()
+                execute(sql, params).fetchall()
+                acc[k] += clock() - started
+    return [[seconds / ops * 1e6 for seconds in acc] for acc in spent]
+
+
+def sqlite_breakdown(ops: int, workdir: Path) -> None:
+    """Where a reserve and a settle spend their time, next to the raw transaction.
+
+    Prints, per operation: the store's time (median), the statements it ran with the
+    time each takes when replayed bare on a copy of the store's file (so the rest is
+    Python: the store's code, the bucket arithmetic, the lease encoding), and the WAL
+    pages its commit wrote.
+    """
+    from budgetguard.stores.sqlite import SQLiteStore
+
+    path = workdir / "breakdown.db"
+    store = SQLiteStore(path)
+    charges = (Charge(BucketSpec("b", 1e15), 100.0),)
+    recorder = _Recorder(store._connection())
+    store._local.conn = recorder  # type: ignore[assignment]
+    store.reserve(ReserveRequest("warm", charges, 600.0))
+    store.settle("warm", [50.0])
+    recorder.log.clear()
+    store.reserve(ReserveRequest("probe", charges, 600.0))
+    logs = [recorder.log]
+    recorder.log = []
+    store.settle("probe", [50.0])
+    logs.append(recorder.log)
+    store._local.conn = recorder.conn
+
+    requests = [ReserveRequest(f"d-{i}", charges, 600.0) for i in range(ops + 200)]
+    actuals = [50.0]
+    ours = _pair_profile(
+        path, ops, lambda i: store.reserve(requests[i]), lambda i: store.settle(requests[i].id, actuals)
+    )
+    store.close()
+
+    bare_path = workdir / "bare.db"
+    bare = sqlite3.connect(bare_path, isolation_level=None, cached_statements=64)
+    bare.execute("PRAGMA journal_mode = WAL")
+    bare.execute("PRAGMA synchronous = NORMAL")
+    bare.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v REAL) WITHOUT ROWID")
+    bare.execute("INSERT INTO t VALUES ('b', 0)")
+    raw_log: Log = [("BEGIN IMMEDIATE", ()), ("UPDATE t SET v = v + 1 WHERE k = ?", ("b",)), ("COMMIT", ())]
+    raw_pages = _pair_profile(bare_path, ops, lambda i: _replay(bare, [raw_log], 1), lambda i: None)[2]
+    raw_statements = _replay(bare, [raw_log], ops)[0]
+    bare.close()
+
+    replay = sqlite3.connect(path, isolation_level=None, cached_statements=64)
+    replay.execute("PRAGMA synchronous = NORMAL")  # as the store's connections (WAL is the file's)
+    _replay(replay, logs, 100)  # warm up
+    statements = _replay(replay, logs, ops)
+    replay.close()
+
+    print(f"\nsqlite breakdown, us per operation (mean of {ops}; statements replayed bare on the store's file)")
+    print(f"  raw transaction: {sum(raw_statements):.1f} us, {raw_pages:.2f} WAL pages per commit")
+    for sql, us in zip(raw_log, raw_statements):
+        print(f"    {us:5.1f}  {sql[0]}")
+    for name, log, spent, store_us, pages in zip(("reserve", "settle"), logs, statements, ours[:2], ours[2:]):
+        total = sum(spent)
+        print(
+            f"  {name}: {store_us:.1f} us = {len(log)} statements {total:.1f} + Python {store_us - total:.1f}; "
+            f"{pages:.2f} WAL pages per commit"
+        )
+        for (sql, _), us in zip(log, spent):
+            print(f"    {us:5.1f}  {sql[:110]}")
+    print("  (a COMMIT's time includes its share of WAL checkpoints, one per 1000 pages written)")
+
+
 def bench_redis(rounds: int, ops: int) -> tuple[float, float, float, float]:
     import redis
     from limits import RateLimitItemPerSecond
@@ -128,7 +264,7 @@ def bench_redis(rounds: int, ops: int) -> tuple[float, float, float, float]:
         )
 
         def three_setup(r: int) -> Callable[[int], None]:
-            client.delete("{bench}:leases", "{bench}:expiry")  # start each round with no open leases
+            client.delete("{bench}:state", "{bench}:expiries")  # start each round with no open leases
             reserve = store.reserve
             return lambda i: reserve(ReserveRequest(f"t-{r}-{i}", three, 600.0))
 
@@ -150,6 +286,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ops", type=int, default=4000)
     parser.add_argument("--only", choices=["memory", "sqlite", "redis"], action="append")
+    parser.add_argument(
+        "--sqlite-breakdown", action="store_true", help="also print where a SQLite reserve and settle spend time"
+    )
     args = parser.parse_args()
     only = set(args.only or ["memory", "sqlite", "redis"])
     print(f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cores")
@@ -168,6 +307,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ours, raw = bench_sqlite(args.rounds, args.ops, Path(tmp))
         line("sqlite pairs vs raw BEGIN IMMEDIATE/UPDATE/COMMIT", ours, raw, ">=0.4x")
+        if args.sqlite_breakdown:
+            with tempfile.TemporaryDirectory() as tmp:
+                sqlite_breakdown(args.ops, Path(tmp))
     if "redis" in only:
         ours, raw, three, lim = bench_redis(args.rounds, args.ops)
         line("redis pairs vs raw EVALSHA 'return 1'", ours, raw, ">=0.45x")
