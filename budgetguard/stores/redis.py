@@ -5,15 +5,20 @@ with EVALSHA) that reads the server's clock, sweeps due leases and applies the s
 rules as :mod:`.base`. Time comes from Redis (``TIME``), so client clocks do not matter;
 clients only send the period bounds their calendars computed.
 
-Key layout (one hash tag, so every script works on Redis Cluster)::
+Key layout (two keys with one hash tag, so every script works on Redis Cluster)::
 
-    {ns}:bucket:<sha256 hex of the bucket key>   hash: l level, u updated_at,
-                                                   p period_start, s spent, k readable key
-    {ns}:leases                                  hash: reservation id -> lease (msgpack)
-    {ns}:expiry                                  zset: reservation id by expiry (server time)
+    {ns}:state    hash: b:<hex> bucket (msgpack: level, updated_at, period_start, spent)
+                        k:<hex> the bucket's readable key (debugging)
+                        r:<id>  open reservation (lease, msgpack)
+                        next    lower bound of the earliest lease expiry
+    {ns}:expiries zset: reservation id by lease expiry (server time)
 
-Bucket keys are hashed, so no scope value (``:``, ``{``, newlines, ...) can reach into
-another key. Keys carry no TTL: run Redis with ``maxmemory-policy noeviction`` (or a
+``<hex>`` is the sha256 of the bucket key, so no scope value (``:``, ``{``, newlines, ...)
+can reach into another field. Buckets are fields of one hash rather than keys of their
+own because a script then reads every bucket and lease it needs with one ``HMGET`` and
+writes them back with one ``HSET`` (every ``redis.call`` costs microseconds); nothing is
+lost on Redis Cluster, where the common hash tag put all of a namespace's keys in one
+slot anyway. Keys carry no TTL: run Redis with ``maxmemory-policy noeviction`` (or a
 ``volatile-*`` policy) so that budgets are never evicted.
 """
 
@@ -43,6 +48,7 @@ from budgetguard.stores._retry import RetryPolicy, redact_url
 from budgetguard.stores.base import (
     BucketSpec,
     BucketState,
+    Charge,
     Denial,
     ExpiredLease,
     ReserveRequest,
@@ -65,20 +71,60 @@ def _lua(name: str) -> str:
     return resources.files("budgetguard.stores").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+class _Script:
+    """One Lua script on one sync client: ``EVALSHA``, loading the script on ``NOSCRIPT``.
+
+    Leaner than redis-py's ``Script`` (no keys/args tuples to build per call) on the same
+    ``execute_command`` path, so the client's connection pool, retries and Redis Cluster
+    routing (by the first key) all apply.
+    """
+
+    __slots__ = ("_client", "numkeys", "sha", "source")
+
+    def __init__(self, client: Any, source: str, numkeys: int) -> None:
+        self._client = client
+        self.source = source
+        self.numkeys = numkeys
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def __call__(self, *keys_and_args: Any) -> Any:
+        """Run the script with its keys then its arguments."""
+        try:
+            return self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
+        except rexc.NoScriptError:  # a new or restarted server: its script cache is empty
+            self.sha = self._client.script_load(self.source)
+            return self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
+
+
+class _AsyncScript(_Script):
+    """:class:`_Script` on a ``redis.asyncio`` client."""
+
+    __slots__ = ()
+
+    async def __call__(self, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        """Run the script with its keys then its arguments."""
+        try:
+            return await self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
+        except rexc.NoScriptError:
+            self.sha = await self._client.script_load(self.source)
+            return await self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
+
+
 @dataclass(frozen=True, slots=True)
 class _Scripts:
     """The scripts registered on one client (sync or async)."""
 
-    reserve: Any
-    settle: Any
-    snapshot: Any
-    sweep: Any
+    reserve: _Script
+    settle: _Script
+    snapshot: _Script
+    sweep: _Script
 
 
-def _register(client: Any) -> _Scripts:
+def _register(client: Any, kind: type[_Script] = _Script) -> _Scripts:
     # Each script is lib.lua (the shared arithmetic) followed by its own body.
-    names = ("reserve.lua", "settle.lua", "snapshot.lua", "sweep.lua")
-    return _Scripts(*(client.register_script(_lua("lib.lua") + "\n" + _lua(name)) for name in names))
+    # KEYS: the state hash and the expiry zset (snapshot: the state hash only).
+    names = (("reserve.lua", 2), ("settle.lua", 2), ("snapshot.lua", 1), ("sweep.lua", 2))
+    return _Scripts(*(kind(client, _lua("lib.lua") + "\n" + _lua(name), numkeys) for name, numkeys in names))
 
 
 def _text(value: bytes | str) -> str:
@@ -175,10 +221,9 @@ class RedisStore:
             msg = f"async_client must be a redis.asyncio.Redis, got {type(self._aclient).__name__}"
             raise ConfigurationError(msg)
         prefix = "{" + namespace + "}:"
-        self._prefix = prefix + "bucket:"
-        self._leases = prefix + "leases"
-        self._expiry = prefix + "expiry"
-        self._key_cache: dict[str, str] = {}
+        self._state_key = prefix + "state"
+        self._expiry_key = prefix + "expiries"
+        self._hex_cache: dict[str, str] = {}
         self._spec_cache: dict[BucketSpec, str] = {}
         self._lock = threading.Lock()
         self._scripts: _Scripts | None = None
@@ -216,7 +261,7 @@ class RedisStore:
     def _async_scripts(self) -> tuple[redis.asyncio.Redis, _Scripts] | None:
         if self._aclient is not None:
             if self._ascripts is None:
-                self._ascripts = _register(self._aclient)
+                self._ascripts = _register(self._aclient, _AsyncScript)
             return self._aclient, self._ascripts
         if self._url is None:
             return None  # sync client only: async methods use a worker thread
@@ -224,7 +269,7 @@ class RedisStore:
         pair = self._loops.get(loop)
         if pair is None:
             client = redis.asyncio.Redis.from_url(self._url, **self._options)
-            pair = (client, _register(client))
+            pair = (client, _register(client, _AsyncScript))
             self._loops[loop] = pair
         return pair
 
@@ -278,15 +323,18 @@ class RedisStore:
 
     # -- encoding -------------------------------------------------------------------
 
-    def bucket_key(self, key: str) -> str:
-        """The Redis key holding bucket ``key`` (``{namespace}:bucket:<sha256 hex>``)."""
-        rkey = self._key_cache.get(key)
-        if rkey is None:
-            rkey = self._prefix + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-            if len(self._key_cache) >= 100_000:
-                self._key_cache.clear()
-            self._key_cache[key] = rkey
-        return rkey
+    def bucket_field(self, key: str) -> str:
+        """The field of the state hash (``{namespace}:state``) holding bucket ``key``."""
+        return "b:" + self._hex(key)
+
+    def _hex(self, key: str) -> str:
+        digest = self._hex_cache.get(key)
+        if digest is None:
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            if len(self._hex_cache) >= 100_000:
+                self._hex_cache.clear()
+            self._hex_cache[key] = digest
+        return digest
 
     def _spec_json(self, spec: BucketSpec) -> str:
         text = self._spec_cache.get(spec)
@@ -294,6 +342,7 @@ class RedisStore:
             ps, pe = spec.period_start, spec.period_end
             text = _dumps(
                 [
+                    self._hex(spec.key),
                     spec.key,
                     spec.capacity,
                     spec.refill_per_second,
@@ -306,29 +355,35 @@ class RedisStore:
             self._spec_cache[spec] = text
         return text
 
-    def _reserve_args(self, request: ReserveRequest) -> tuple[list[str], list[str]]:
-        # KEYS[2 + j] belongs to spec j; the request travels as one JSON argument that the
-        # script decodes in C (far cheaper than dozens of arguments on both ends).
-        keys = [self._leases, self._expiry]
+    def _reserve_payload(self, request: ReserveRequest) -> str:
+        # The request travels as one JSON argument that the script decodes in C (far
+        # cheaper than dozens of arguments on both ends); each spec's JSON is cached.
+        charges = request.charges
+        if len(charges) == 1 and charges[0].lender is None:  # the common case
+            specs, flat = self._spec_json(charges[0].bucket), _dumps([1, float(charges[0].amount), 0])
+        else:
+            specs, flat = self._charges_json(charges)
+        nonce = f"{self._nonce_prefix}{next(self._nonces)}"
+        head = _dumps([request.id, nonce, float(request.lease_seconds), request.meta])
+        return f"{head[:-1]},[{specs}],{flat}]"
+
+    def _charges_json(self, charges: Sequence[Charge]) -> tuple[str, str]:
         specs: list[str] = []
-        flat: list[Any] = []
+        flat: list[float] = []
         index: dict[BucketSpec, int] = {}
-        for charge in request.charges:
+        for charge in charges:
             for spec in (charge.bucket, charge.lender):
                 if spec is None:
                     flat.append(0)
                     continue
                 j = index.get(spec)
                 if j is None:
-                    keys.append(self.bucket_key(spec.key))
                     specs.append(self._spec_json(spec))
                     j = index[spec] = len(specs)
                 flat.append(j)
                 if spec is charge.bucket:
                     flat.append(float(charge.amount))
-        nonce = f"{self._nonce_prefix}{next(self._nonces)}"
-        head = _dumps([request.id, nonce, float(request.lease_seconds), request.meta])
-        return keys, [f"{head[:-1]},[{','.join(specs)}],{_dumps(flat)}]"]
+        return ",".join(specs), _dumps(flat)
 
     @staticmethod
     def _reserve_result(request: ReserveRequest, reply: Any) -> ReserveResult:
@@ -353,17 +408,19 @@ class RedisStore:
             expired,
         )
 
-    def _settle_args(self, reservation_id: str, actuals: Sequence[float] | None) -> tuple[list[str], list[str]]:
-        body = [reservation_id, False if actuals is None else [float(a) for a in actuals]]
-        return [self._leases, self._expiry], [_dumps(body)]
+    @staticmethod
+    def _settle_payload(reservation_id: str, actuals: Sequence[float] | None) -> str:
+        return _dumps([reservation_id, False if actuals is None else [float(a) for a in actuals]])
 
-    def _snapshot_args(self, spec: BucketSpec) -> tuple[list[str], list[Any]]:
-        return [self.bucket_key(spec.key)], [
+    def _snapshot_args(self, spec: BucketSpec) -> tuple[Any, ...]:
+        return (
+            self._state_key,
+            self._hex(spec.key),
             spec.capacity,
             spec.refill_per_second,
             _arg(spec.period_start),
             _arg(spec.period_end),
-        ]
+        )
 
     @staticmethod
     def _state(reply: bytes | str) -> BucketState:
@@ -383,9 +440,9 @@ class RedisStore:
             ValueError: A reservation with this id is open.
             StoreUnavailable: Redis cannot be reached (after brief retries).
         """
-        keys, args = self._reserve_args(request)
-        script = self._sync_scripts().reserve
-        return self._reserve_result(request, self._run(lambda: script(keys, args)))
+        payload = self._reserve_payload(request)
+        script, state, expiry = self._sync_scripts().reserve, self._state_key, self._expiry_key
+        return self._reserve_result(request, self._run(lambda: script(state, expiry, payload)))
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Settle once in one round trip; ``False`` if unknown, settled or swept.
@@ -394,27 +451,27 @@ class RedisStore:
             ValueError: ``actuals`` has fewer amounts than the reservation has charges
                 (nothing is changed).
         """
-        keys, args = self._settle_args(reservation_id, actuals)
-        script = self._sync_scripts().settle
+        payload = self._settle_payload(reservation_id, actuals)
+        script, state, expiry = self._sync_scripts().settle, self._state_key, self._expiry_key
         try:
-            return self._settled(self._run(lambda: script(keys, args)))
+            return self._settled(self._run(lambda: script(state, expiry, payload)))
         except rexc.ResponseError as exc:
             raise _settle_error(exc) from exc
 
     def snapshot(self, spec: BucketSpec) -> BucketState:
         """Return the bucket as of the server's now (full if never used); read-only."""
-        keys, args = self._snapshot_args(spec)
+        args = self._snapshot_args(spec)
         script = self._sync_scripts().snapshot
-        return self._state(self._run(lambda: script(keys, args)))
+        return self._state(self._run(lambda: script(*args)))
 
     def sweep(self) -> tuple[ExpiredLease, ...]:
         """Settle due leases at their reserved amounts (at most 500 per call)."""
         script = self._sync_scripts().sweep
-        return _expired(self._run(lambda: script([self._leases, self._expiry], [])))
+        return _expired(self._run(lambda: script(self._state_key, self._expiry_key)))
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled or swept."""
-        return int(self._run(lambda: self.client.hlen(self._leases)))
+        return int(self._run(lambda: self.client.zcard(self._expiry_key)))
 
     def close(self) -> None:
         """Close the sync client if this store created it (async clients: :meth:`aclose`)."""
@@ -427,19 +484,19 @@ class RedisStore:
         pair = self._async_scripts()
         if pair is None:
             return await asyncio.to_thread(self.reserve, request)
-        keys, args = self._reserve_args(request)
-        script = pair[1].reserve
-        return self._reserve_result(request, await self._arun(lambda: script(keys, args)))
+        payload = self._reserve_payload(request)
+        script, state, expiry = pair[1].reserve, self._state_key, self._expiry_key
+        return self._reserve_result(request, await self._arun(lambda: script(state, expiry, payload)))
 
     async def asettle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Async :meth:`settle` on the asyncio client."""
         pair = self._async_scripts()
         if pair is None:
             return await asyncio.to_thread(self.settle, reservation_id, actuals)
-        keys, args = self._settle_args(reservation_id, actuals)
-        script = pair[1].settle
+        payload = self._settle_payload(reservation_id, actuals)
+        script, state, expiry = pair[1].settle, self._state_key, self._expiry_key
         try:
-            return self._settled(await self._arun(lambda: script(keys, args)))
+            return self._settled(await self._arun(lambda: script(state, expiry, payload)))
         except rexc.ResponseError as exc:
             raise _settle_error(exc) from exc
 
@@ -448,9 +505,9 @@ class RedisStore:
         pair = self._async_scripts()
         if pair is None:
             return await asyncio.to_thread(self.snapshot, spec)
-        keys, args = self._snapshot_args(spec)
+        args = self._snapshot_args(spec)
         script = pair[1].snapshot
-        return self._state(await self._arun(lambda: script(keys, args)))
+        return self._state(await self._arun(lambda: script(*args)))
 
     async def asweep(self) -> tuple[ExpiredLease, ...]:
         """Async :meth:`sweep` on the asyncio client."""
@@ -458,7 +515,7 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.sweep)
         script = pair[1].sweep
-        return _expired(await self._arun(lambda: script([self._leases, self._expiry], [])))
+        return _expired(await self._arun(lambda: script(self._state_key, self._expiry_key)))
 
     async def aclose(self) -> None:
         """Close the clients this store created (the current loop's asyncio client too)."""

@@ -554,7 +554,8 @@ async def test_redis_store_takes_clients_and_urls(redis_server: Any) -> None:
     with pytest.raises(ConfigurationError, match="asyncio client only"):
         async_only.snapshot(spec)
     assert from_url.snapshot(spec).level == 9.0
-    assert sync_client.hget(from_url.bucket_key(spec.key), "k") == "clients"  # the readable key
+    hex_key = from_url.bucket_field(spec.key).removeprefix("b:")
+    assert sync_client.hget("{clients}:state", "k:" + hex_key) == "clients"  # the readable key
     await async_client.aclose()
     sync_client.close()
     from_url.close()

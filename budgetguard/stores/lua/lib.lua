@@ -2,16 +2,23 @@
 -- It mirrors budgetguard/stores/base.py (refresh, retry_after, apply_reserve, apply_settle)
 -- line for line; the contract suite checks that both agree.
 --
--- Bucket hash fields: l = level, u = updated_at, p = period_start (absent: none),
--- s = spent, k = the readable bucket key (debugging only).
--- Lease (a field of the leases hash): cmsgpack of the flat values nonce, meta, then per
--- charge bucket key, capacity, refill, period_start, period_end, took, lent, period,
--- lender key, lender capacity, refill, period_start, period_end, lender period (false
--- stands for none; msgpack keeps doubles exact).
+-- KEYS[1], the state hash, holds every bucket and every open lease of a namespace, so a
+-- script reads all it needs with one HMGET and writes it back with one HSET:
+--   b:<hex>  a bucket (hex = sha256 of its key): cmsgpack of level, updated_at,
+--            period_start (false: none), spent
+--   k:<hex>  the bucket's readable key (written once, for debugging)
+--   r:<id>   an open lease: cmsgpack of the flat values nonce, meta, then per charge
+--            bucket field, capacity, refill, period_start, period_end, took, lent,
+--            period, lender field, lender capacity, refill, period_start, period_end,
+--            lender period (false stands for none; msgpack keeps doubles exact)
+--   next     a lower bound of the earliest lease expiry (absent: unknown). Reserve only
+--            probes the expiry zset once the server clock reaches it.
+-- KEYS[2], the expiry zset: reservation id by lease expiry (server time).
 -- Numbers handed to redis.call are written by Redis with '%.17g' (exact); numbers in
 -- replies go out through fmt() for the same reason (Lua's tostring keeps 14 digits).
 
 local now = 0
+local state_key, expiry_key = KEYS[1], KEYS[2]
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -37,21 +44,37 @@ local function is_finite(x)
   return x == x and x ~= math.huge and x ~= -math.huge
 end
 
--- key -> stored state (table) or false (no such bucket); refreshed in place like
+-- field -> stored state (table) or false (no such bucket); refreshed in place like
 -- MemoryStore's dict entries.
 local loaded = {}
 local dirty, dirty_order = {}, {}
+local names = {}  -- bucket field -> readable key (reserve only: written with a new bucket)
 
-local function load(key)
-  local st = loaded[key]
-  if st == nil then
-    local v = redis.call('HMGET', key, 'l', 'u', 'p', 's')
-    if v[1] then
-      st = {l = tonumber(v[1]), u = tonumber(v[2]), p = num(v[3]), s = tonumber(v[4]) or 0}
-    else
-      st = false
+local function decode_state(raw)
+  if not raw then return false end
+  local l, u, p, s = cmsgpack.unpack(raw)
+  return {l = l, u = u, p = p or nil, s = s}
+end
+
+-- One HMGET for every field of `fields` not loaded yet.
+local function prefetch(fields)
+  local want, seen = {}, {}
+  for _, f in ipairs(fields) do
+    if loaded[f] == nil and not seen[f] then
+      seen[f] = true
+      want[#want + 1] = f
     end
-    loaded[key] = st
+  end
+  if #want == 0 then return end
+  local v = redis.call('HMGET', state_key, unpack(want))
+  for i, f in ipairs(want) do loaded[f] = decode_state(v[i]) end
+end
+
+local function load(field)
+  local st = loaded[field]
+  if st == nil then
+    st = decode_state(redis.call('HGET', state_key, field))
+    loaded[field] = st
   end
   return st
 end
@@ -100,48 +123,51 @@ local function retry_after(st, spec, amount, t)
   return best
 end
 
--- One phase = one "touched" dict of the Python code: get(key, spec) refreshes a bucket
--- once per phase and returns the same table for the same key.
+-- One phase = one "touched" dict of the Python code: get(field, spec) refreshes a bucket
+-- once per phase and returns the same table for the same field.
 local function new_phase()
   local touched, order = {}, {}
-  local function get(key, spec)
-    local st = touched[key]
+  local function get(field, spec)
+    local st = touched[field]
     if st == nil then
-      st = refresh(load(key), spec, now)
-      touched[key] = st
-      order[#order + 1] = key
+      st = refresh(load(field), spec, now)
+      touched[field] = st
+      order[#order + 1] = field
     end
     return st
   end
   local function keep()  -- MemoryStore: self._buckets.update(touched)
-    for _, key in ipairs(order) do
-      loaded[key] = touched[key]
-      if not dirty[key] then
-        dirty[key] = true
-        dirty_order[#dirty_order + 1] = key
+    for _, field in ipairs(order) do
+      loaded[field] = touched[field]
+      if not dirty[field] then
+        dirty[field] = true
+        dirty_order[#dirty_order + 1] = field
       end
     end
   end
   return get, keep
 end
 
-local function write_dirty(names)
-  for _, key in ipairs(dirty_order) do
-    local st = loaded[key]
-    if st.new and names and names[key] then
+-- One HSET: every bucket kept since the last flush, then the field/value pairs of `extra`.
+local function flush(extra)
+  local args = {}
+  for _, field in ipairs(dirty_order) do
+    local st = loaded[field]
+    args[#args + 1] = field
+    args[#args + 1] = cmsgpack.pack(st.l, st.u, st.p or false, st.s)
+    if st.new then
       st.new = nil
-      if st.p ~= nil then
-        redis.call('HSET', key, 'l', st.l, 'u', st.u, 's', st.s, 'p', st.p, 'k', names[key])
-      else
-        redis.call('HSET', key, 'l', st.l, 'u', st.u, 's', st.s, 'k', names[key])
+      if names[field] then
+        args[#args + 1] = 'k:' .. string.sub(field, 3)
+        args[#args + 1] = names[field]
       end
-    elseif st.p ~= nil then
-      redis.call('HSET', key, 'l', st.l, 'u', st.u, 's', st.s, 'p', st.p)
-    else
-      redis.call('HSET', key, 'l', st.l, 'u', st.u, 's', st.s)
     end
   end
   dirty, dirty_order = {}, {}
+  if extra then
+    for _, v in ipairs(extra) do args[#args + 1] = v end
+  end
+  if #args > 0 then redis.call('HSET', state_key, unpack(args)) end
 end
 
 local CHARGE_FIELDS = 14
@@ -178,6 +204,15 @@ local function decode_lease(raw)
     held[#held + 1] = h
   end
   return {nonce = v[1], meta = v[2], held = held}
+end
+
+-- Every bucket field a list of helds touches (to prefetch them in one HMGET).
+local function held_fields(held, out)
+  for _, h in ipairs(held) do
+    out[#out + 1] = h.b
+    if h.l ~= nil then out[#out + 1] = h.l end
+  end
+  return out
 end
 
 -- base.apply_settle; actuals == nil charges the reserved amounts (expiry).
@@ -223,27 +258,46 @@ local function join(values)
   return table.concat(parts, ',')
 end
 
--- Settle every lease due by now at its reserved amount; returns {id, meta, amounts, ...}.
--- At most `limit` per call (a crash of many workers is swept over several calls).
-local function sweep(leases_key, expiry_key, limit)
+-- The earliest lease expiry, or nil when no lease is open.
+local function earliest_expiry()
+  local first = redis.call('ZRANGE', expiry_key, 0, 0, 'WITHSCORES')
+  return first[2] and tonumber(first[2]) or nil
+end
+
+-- Settle every lease due by now at its reserved amount (at most `limit` per call: a crash
+-- of many workers is swept over several calls). The buckets are kept for the next flush().
+-- Returns {id, meta, amounts, ...}, the set of swept ids and the new earliest expiry.
+local function sweep(limit)
   local ids = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now, 'LIMIT', 0, limit)
-  if #ids == 0 then return {} end
-  local get, keep = new_phase()
-  local out = {}
-  for _, id in ipairs(ids) do
-    local raw = redis.call('HGET', leases_key, id)
-    if raw then
-      local lease = decode_lease(raw)
-      local finals = settle_held(get, lease.held, nil)
-      out[#out + 1] = id
-      out[#out + 1] = lease.meta
-      out[#out + 1] = join(finals)
+  local out, swept = {}, {}
+  if #ids > 0 then
+    local fields = {}
+    for i, id in ipairs(ids) do fields[i] = 'r:' .. id end
+    local raws = redis.call('HMGET', state_key, unpack(fields))
+    local leases, buckets = {}, {}
+    for i, raw in ipairs(raws) do
+      if raw then
+        leases[i] = decode_lease(raw)
+        held_fields(leases[i].held, buckets)
+      end
     end
+    prefetch(buckets)
+    local get, keep = new_phase()
+    for i, id in ipairs(ids) do
+      swept[id] = true
+      local lease = leases[i]
+      if lease then
+        local finals = settle_held(get, lease.held, nil)
+        out[#out + 1] = id
+        out[#out + 1] = lease.meta
+        out[#out + 1] = join(finals)
+      end
+    end
+    keep()
+    redis.call('HDEL', state_key, unpack(fields))
+    redis.call('ZREM', expiry_key, unpack(ids))
   end
-  keep()
-  redis.call('HDEL', leases_key, unpack(ids))
-  redis.call('ZREM', expiry_key, unpack(ids))
-  return out
+  return out, swept, earliest_expiry()
 end
 
 local SWEEP_LIMIT = 500

@@ -1,24 +1,27 @@
 -- budgetguard reserve: sweep due leases, then take every charge or none.
--- KEYS: leases hash, expiry zset, then one bucket key per spec (a key may repeat).
+-- KEYS: state hash, expiry zset.
 -- ARGV[1]: the request as JSON (decoded in C by cjson; false stands for none):
 --   [id, nonce, lease_seconds, meta,
---    [[readable key, capacity, refill, period_start, period_end], ...],   spec j <-> KEYS[2 + j]
+--    [[bucket hex, readable key, capacity, refill, period_start, period_end], ...],
 --    [spec index, amount, lender spec index or 0, ...]]                  (1-based)
 -- Reply: 1 reserved, 3 replay of this very request (its reply was lost), 2 id already
 --   open; or, when denied or when leases expired, a table
 --   {status, charge index, available, retry_after, expired id, meta, amounts, ...}
 --   with status 0 for a denial.
+-- Calls in the common case: TIME, one HMGET (sweep bound, lease, buckets), one HSET
+-- (buckets, lease, bound), one ZADD.
 now = server_now()
-local leases_key, expiry_key = KEYS[1], KEYS[2]
 local request = cjson.decode(ARGV[1])
 local id, nonce, meta = request[1], request[2], request[4]
 local expires_at = now + request[3]
+local lease_field = 'r:' .. id
 
-local specs, names = {}, {}
+local specs, fields = {}, {'next', lease_field}
 for j, s in ipairs(request[5]) do
-  local key = KEYS[2 + j]
-  specs[j] = {key = key, cap = s[2], rate = s[3], ps = s[4] or nil, pe = s[5] or nil}
-  names[key] = s[1]
+  local field = 'b:' .. s[1]
+  specs[j] = {key = field, cap = s[3], rate = s[4], ps = s[5] or nil, pe = s[6] or nil}
+  names[field] = s[2]
+  fields[j + 2] = field
 end
 local charges, flat = {}, request[6]
 for i = 1, #flat / 3 do
@@ -27,12 +30,40 @@ for i = 1, #flat / 3 do
   charges[i] = {bs = specs[flat[o + 1]], amount = flat[o + 2], ls = lj > 0 and specs[lj] or nil}
 end
 
-local expired = sweep(leases_key, expiry_key, SWEEP_LIMIT)
+local v = redis.call('HMGET', state_key, unpack(fields))
+for j = 3, #fields do
+  if loaded[fields[j]] == nil then loaded[fields[j]] = decode_state(v[j]) end
+end
+local stored_next = tonumber(v[1])
+local next_expiry, open = stored_next, v[2]
+
+-- MemoryStore sweeps only once the earliest expiry has passed; so do we.
+local expired = {}
+if next_expiry == nil or now >= next_expiry then
+  local swept
+  expired, swept, next_expiry = sweep(SWEEP_LIMIT)
+  if swept[id] then open = false end  -- an expired lease with this id was just settled
+end
 
 local function reply(head)
   if #expired == 0 and head[1] ~= 0 then return head[1] end  -- the common case: one integer
-  for _, v in ipairs(expired) do head[#head + 1] = v end
+  for _, x in ipairs(expired) do head[#head + 1] = x end
   return head
+end
+
+-- Writes what the sweep changed (and its new bound) when this request changes nothing.
+local function flush_sweep()
+  if next_expiry ~= nil and next_expiry ~= stored_next then
+    flush({'next', next_expiry})
+  else
+    flush(nil)
+  end
+end
+
+if open then
+  flush_sweep()
+  if decode_lease(open).nonce == nonce then return reply({3, 0, '', ''}) end
+  return reply({2, 0, '', ''})
 end
 
 -- base.apply_reserve
@@ -57,8 +88,7 @@ for i, c in ipairs(charges) do
         local lwait = retry_after(lst, c.ls, short, now)
         if wait == nil or (lwait ~= nil and lwait < wait) then wait = lwait end
       end
-      write_dirty(nil)  -- the sweep's changes stay; this request changes nothing
-      if redis.call('HEXISTS', leases_key, id) == 1 then return reply({2, 0, '', ''}) end
+      flush_sweep()  -- the sweep's changes stay; this request changes nothing
       return reply({0, i - 1, fmt(avail + lavail), wait and fmt(wait) or ''})
     end
     took, lent = avail, short
@@ -72,12 +102,6 @@ for i, c in ipairs(charges) do
   held[i] = h
 end
 
-if redis.call('HSETNX', leases_key, id, encode_lease(nonce, meta, held)) == 0 then
-  write_dirty(nil)
-  local lease = decode_lease(redis.call('HGET', leases_key, id))
-  if lease.nonce == nonce then return reply({3, 0, '', ''}) end
-  return reply({2, 0, '', ''})
-end
 for _, h in ipairs(held) do
   local st = get(h.b, h.bs)
   st.l = st.l - h.took
@@ -87,6 +111,11 @@ for _, h in ipairs(held) do
   end
 end
 keep()
-write_dirty(names)
+local extra = {lease_field, encode_lease(nonce, meta, held)}
+if next_expiry == nil or expires_at < next_expiry then next_expiry = expires_at end
+if next_expiry ~= stored_next then
+  extra[3], extra[4] = 'next', next_expiry
+end
+flush(extra)
 redis.call('ZADD', expiry_key, expires_at, id)
 return reply({1, 0, '', ''})

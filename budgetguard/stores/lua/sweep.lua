@@ -1,6 +1,6 @@
 -- budgetguard sweep: settle due leases at their reserved amounts.
--- KEYS: leases hash, expiry zset.  Reply: {id, meta, amounts, ...}.
+-- KEYS: state hash, expiry zset.  Reply: {id, meta, amounts, ...}.
 now = server_now()
-local expired = sweep(KEYS[1], KEYS[2], SWEEP_LIMIT)
-write_dirty(nil)
+local expired, _, next_expiry = sweep(SWEEP_LIMIT)
+flush(next_expiry and {'next', next_expiry} or nil)
 return expired

@@ -1,0 +1,115 @@
+"""The Redis store's key layout keeps the guarantees the per-bucket keys gave.
+
+Buckets and leases are fields of one hash (``{ns}:state``) next to the expiry zset
+(``{ns}:expiries``); reserve skips the expiry probe until a stored lower bound (``next``)
+of the earliest expiry has passed. These tests check what that layout must not lose:
+two keys with one hash tag (Redis Cluster), hashed scope values, duplicate ids refused,
+replays recognised, and no expired lease ever missed by the skipped probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from budgetguard.stores import BucketSpec, Charge, ExpiredLease, ReserveRequest
+from budgetguard.stores.redis import RedisStore
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def store(redis_server: Any) -> Iterator[RedisStore]:
+    s = RedisStore(redis_server.url, namespace=f"layout-{uuid.uuid4().hex[:12]}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def raw(redis_server: Any) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+def req(rid: str, *charges: Charge, lease: float = 600.0) -> ReserveRequest:
+    return ReserveRequest(rid, charges, lease)
+
+
+def test_two_keys_with_one_hash_tag_and_hashed_fields(store: RedisStore, raw: redis.Redis) -> None:
+    ns = store.namespace
+    hostile = BucketSpec("user:1\r\n{x}:state", 10.0)
+    assert store.reserve(req("r1", Charge(hostile, 1.0), Charge(BucketSpec("b", 5.0), 2.0))).ok
+    keys = sorted(k.decode() for k in raw.scan_iter(match=f"{{{ns}}}*"))
+    assert keys == [f"{{{ns}}}:expiries", f"{{{ns}}}:state"]
+    hex_key = hashlib.sha256(hostile.key.encode()).hexdigest()
+    assert store.bucket_field(hostile.key) == "b:" + hex_key
+    fields = {f.decode() for f in raw.hkeys(f"{{{ns}}}:state")}
+    assert {"b:" + hex_key, "k:" + hex_key, "r:r1", "next"} <= fields
+    assert raw.hget(f"{{{ns}}}:state", "k:" + hex_key) == hostile.key.encode()  # readable, never parsed
+    assert store.open_reservations() == 1
+    assert store.settle("r1", [1.0, 2.0])
+    assert store.open_reservations() == 0
+    assert "r:r1" not in {f.decode() for f in raw.hkeys(f"{{{ns}}}:state")}
+
+
+def test_duplicate_id_is_refused_even_when_denied_and_a_replay_is_recognised(store: RedisStore) -> None:
+    spec = BucketSpec("dup", 10.0)
+    assert store.reserve(req("d", Charge(spec, 10.0))).ok
+    with pytest.raises(ValueError, match="already open"):
+        store.reserve(req("d", Charge(spec, 1.0)))  # would be denied too: the id wins
+    # A retry of a request whose reply was lost carries the same nonce: recognised (3),
+    # even though the bucket can no longer cover it.
+    payload = store._reserve_payload(req("replayed", Charge(BucketSpec("replay", 5.0), 5.0)))
+    script = store._sync_scripts().reserve
+    assert script(store._state_key, store._expiry_key, payload) == 1
+    assert script(store._state_key, store._expiry_key, payload) == 3
+    assert store.snapshot(BucketSpec("replay", 5.0)).level == 0.0  # charged once
+
+
+def test_a_shorter_lease_after_a_longer_one_is_not_missed(store: RedisStore) -> None:
+    spec = BucketSpec("bound", 100.0)
+    assert store.reserve(req("long", Charge(spec, 1.0), lease=600.0)).ok
+    assert store.reserve(req("short", Charge(spec, 2.0), lease=0.2)).ok  # lowers the bound
+    time.sleep(0.3)
+    result = store.reserve(req("later", Charge(spec, 1.0)))
+    assert result.expired == (ExpiredLease("short", (2.0,), ""),)
+    assert store.open_reservations() == 2
+
+
+def test_a_lost_bound_only_costs_a_probe(store: RedisStore, raw: redis.Redis) -> None:
+    spec = BucketSpec("lost", 100.0)
+    assert store.reserve(req("gone", Charge(spec, 3.0), lease=0.2)).ok
+    raw.hdel(f"{{{store.namespace}}}:state", "next")  # e.g. a hand edit
+    time.sleep(0.3)
+    assert store.reserve(req("after", Charge(spec, 1.0))).expired == (ExpiredLease("gone", (3.0,), ""),)
+    assert raw.hget(f"{{{store.namespace}}}:state", "next") is not None
+
+
+def test_an_expired_lease_frees_its_id(store: RedisStore) -> None:
+    spec = BucketSpec("reuse", 10.0)
+    assert store.reserve(req("same", Charge(spec, 4.0), lease=0.2)).ok
+    time.sleep(0.3)
+    result = store.reserve(req("same", Charge(spec, 1.0)))  # swept first, as MemoryStore does
+    assert result.ok
+    assert result.expired == (ExpiredLease("same", (4.0,), ""),)
+    assert store.settle("same", [1.0])
+    assert store.snapshot(spec).spent == 5.0
+
+
+def test_sweeps_past_the_limit_continue_on_the_next_call(store: RedisStore) -> None:
+    spec = BucketSpec("many", 10_000.0)
+    for i in range(520):
+        assert store.reserve(req(f"m{i}", Charge(spec, 1.0), lease=0.3)).ok
+    time.sleep(0.4)
+    first = store.reserve(req("x", Charge(spec, 1.0)))
+    second = store.reserve(req("y", Charge(spec, 1.0)))
+    assert len(first.expired) == 500
+    assert len(second.expired) == 20
+    assert store.snapshot(spec).spent == 520.0
