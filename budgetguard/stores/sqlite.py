@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -152,6 +153,7 @@ def _number(value: float | None) -> str:
     return _dumps(value)  # ints, infinities, float subclasses
 
 
+@functools.lru_cache(maxsize=1024)  # a process uses few specs; the key is hashed in C
 def _spec_json(spec: BucketSpec) -> str:
     return (
         f"[{encode_basestring_ascii(spec.key)},{_number(spec.capacity)},{_number(spec.refill_per_second)},"
@@ -212,6 +214,7 @@ def _request_keys(request: ReserveRequest) -> list[str]:
 
 class _Local(threading.local):
     conn: sqlite3.Connection | None = None
+    cursor: sqlite3.Cursor | None = None  # reused by every write (saves a Cursor per statement)
 
 
 class SQLiteStore:
@@ -298,6 +301,12 @@ class SQLiteStore:
             with self._conns_lock:
                 self._conns.append(conn)
         return conn
+
+    def _cursor(self) -> sqlite3.Cursor:
+        cursor = self._local.cursor
+        if cursor is None:
+            cursor = self._local.cursor = self._connection().cursor()
+        return cursor
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -401,8 +410,12 @@ class SQLiteStore:
             describe=self._describe,
         )
 
-    def _write(self, body: Callable[[sqlite3.Connection, float], T]) -> T:
-        """Run ``body(conn, now)`` inside one ``BEGIN IMMEDIATE`` transaction."""
+    def _write(self, body: Callable[[sqlite3.Cursor, float], T]) -> T:
+        """Run ``body(cursor, now)`` inside one ``BEGIN IMMEDIATE`` transaction.
+
+        All of its statements run on the thread's one write cursor; the last one is
+        always ``COMMIT`` or ``ROLLBACK``, so no read stays open between operations.
+        """
 
         def attempt() -> T:
             lock = self._write_lock
@@ -412,22 +425,22 @@ class SQLiteStore:
                 msg = "database is locked (another thread of this process held the write lock past busy_timeout)"
                 raise sqlite3.OperationalError(msg)
             try:
-                conn = self._connection()
+                cursor = self._cursor()
                 started = time.monotonic()
                 try:
-                    conn.execute("BEGIN IMMEDIATE")
+                    cursor.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
                     # A refusal that came back without waiting is not another writer.
                     if _is_busy(exc) and time.monotonic() - started < self.busy_timeout / 2:
                         raise _Contended(exc) from exc
                     raise
                 try:
-                    result = body(conn, self.clock.now())  # time read while holding the lock
-                    conn.execute("COMMIT")
+                    result = body(cursor, self.clock.now())  # time read while holding the lock
+                    cursor.execute("COMMIT")
                 except BaseException:
-                    if conn.in_transaction:
+                    if cursor.connection.in_transaction:
                         with contextlib.suppress(sqlite3.Error):  # the connection may be gone
-                            conn.execute("ROLLBACK")
+                            cursor.execute("ROLLBACK")
                     raise
                 return result
             finally:
@@ -445,32 +458,32 @@ class SQLiteStore:
             self._in_sql[(template, count)] = sql
         return sql
 
-    def _load(self, conn: sqlite3.Connection, keys: Iterable[str], buckets: Buckets) -> None:
+    def _load(self, cursor: sqlite3.Cursor, keys: Iterable[str], buckets: Buckets) -> None:
         wanted = [k for k in keys if k not in buckets]
         if not wanted:
             return
         if len(wanted) == 1:
-            row = conn.execute(_SELECT_ONE, wanted).fetchone()
+            row = cursor.execute(_SELECT_ONE, wanted).fetchone()
             buckets[wanted[0]] = BucketState(*row) if row is not None else None
             return
         for key in wanted:
             buckets[key] = None
-        for key, level, updated_at, period_start, spent in conn.execute(
+        for key, level, updated_at, period_start, spent in cursor.execute(
             self._in_query(_SELECT_IN, len(wanted)), wanted
         ):
             buckets[key] = BucketState(level, updated_at, period_start, spent)
 
     def _load_with_next_expiry(
-        self, conn: sqlite3.Connection, keys: list[str], buckets: Buckets
+        self, cursor: sqlite3.Cursor, keys: list[str], buckets: Buckets
     ) -> tuple[bool, float | None]:
         """Load ``keys`` into ``buckets`` and read the sweep bound, in one query.
 
         Returns:
             Whether the meta row exists, and its ``next_expiry`` (``None``: no open lease).
         """
-        rows = conn.execute(self._in_query(_NEXT_AND_BUCKETS, len(keys)), keys).fetchall()
+        rows = cursor.execute(self._in_query(_NEXT_AND_BUCKETS, len(keys)), keys).fetchall()
         if not rows:  # no meta row: the caller sweeps, which writes it again
-            self._load(conn, keys, buckets)
+            self._load(cursor, keys, buckets)
             return False, None
         for key in keys:
             buckets[key] = None
@@ -480,12 +493,12 @@ class SQLiteStore:
         return True, rows[0][0]
 
     @staticmethod
-    def _save(conn: sqlite3.Connection, touched: dict[str, BucketState]) -> None:
+    def _save(cursor: sqlite3.Cursor, touched: dict[str, BucketState]) -> None:
         if len(touched) == 1:
             for key, s in touched.items():
-                conn.execute(_SAVE, (key, s.level, s.updated_at, s.period_start, s.spent))
+                cursor.execute(_SAVE, (key, s.level, s.updated_at, s.period_start, s.spent))
         elif touched:
-            conn.executemany(
+            cursor.executemany(
                 _SAVE,
                 [(k, s.level, s.updated_at, s.period_start, s.spent) for k, s in touched.items()],
             )
@@ -503,7 +516,7 @@ class SQLiteStore:
         return get
 
     def _sweep(
-        self, conn: sqlite3.Connection, now: float, buckets: Buckets
+        self, cursor: sqlite3.Cursor, now: float, buckets: Buckets
     ) -> tuple[tuple[ExpiredLease, ...], float | None]:
         """Settle every due lease at its reserved amount; reset the ``next_expiry`` bound.
 
@@ -514,23 +527,23 @@ class SQLiteStore:
         """
         due = []
         next_expiry: float | None = None
-        for rid, held, meta, expires_at in conn.execute(_LEASES):
+        for rid, held, meta, expires_at in cursor.execute(_LEASES):
             if expires_at <= now:
                 due.append((expires_at, rid, held, meta))
             elif next_expiry is None or expires_at < next_expiry:
                 next_expiry = expires_at
-        conn.execute(_SET_NEXT_EXPIRY, (next_expiry,))
+        cursor.execute(_SET_NEXT_EXPIRY, (next_expiry,))
         if not due:
             return (), next_expiry
         due.sort()
         leases = [(rid, _decode_held(held), meta) for _, rid, held, meta in due]
-        self._load(conn, {k: None for _, held, _ in leases for k in _held_keys(held)}, buckets)
+        self._load(cursor, {k: None for _, held, _ in leases for k in _held_keys(held)}, buckets)
         touched: dict[str, BucketState] = {}
         get = self._getter(buckets, touched, now)
         expired = tuple(ExpiredLease(rid, apply_settle(get, held, None), meta) for rid, held, meta in leases)
         buckets.update(touched)
-        self._save(conn, touched)
-        conn.executemany(_DELETE_LEASE, [(rid,) for rid, _, _ in leases])
+        self._save(cursor, touched)
+        cursor.executemany(_DELETE_LEASE, [(rid,) for rid, _, _ in leases])
         for rid, _, _ in leases:
             self._memo.pop(rid, None)
         return expired, next_expiry
@@ -544,30 +557,30 @@ class SQLiteStore:
             ValueError: A reservation with this id is open.
             StoreUnavailable: The file cannot be used (see :class:`SQLiteStore`).
         """
-        return self._write(lambda conn, now: self._reserve(conn, now, request))
+        return self._write(lambda cursor, now: self._reserve(cursor, now, request))
 
-    def _reserve(self, conn: sqlite3.Connection, now: float, request: ReserveRequest) -> ReserveResult:
+    def _reserve(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
         keys = _request_keys(request)
-        has_meta, next_expiry = self._load_with_next_expiry(conn, keys, buckets)
+        has_meta, next_expiry = self._load_with_next_expiry(cursor, keys, buckets)
         expired: tuple[ExpiredLease, ...] = ()
         if not has_meta or (next_expiry is not None and next_expiry <= now):
-            expired, next_expiry = self._sweep(conn, now, buckets)
+            expired, next_expiry = self._sweep(cursor, now, buckets)
         touched: dict[str, BucketState] = {}
         outcome = apply_reserve(self._getter(buckets, touched, now), request.charges, now)
         if not isinstance(outcome, list):
-            if conn.execute(_IS_OPEN, (request.id,)).fetchone():
+            if cursor.execute(_IS_OPEN, (request.id,)).fetchone():
                 _duplicate(request.id)
             return ReserveResult(False, outcome, expired)
-        self._save(conn, touched)
+        self._save(cursor, touched)
         expires_at = now + request.lease_seconds
         held = _encode_held(outcome)
         try:
-            conn.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta, request.charges[0].bucket.key))
+            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta, request.charges[0].bucket.key))
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
-            conn.execute(_SET_NEXT_EXPIRY, (expires_at,))
+            cursor.execute(_SET_NEXT_EXPIRY, (expires_at,))
         self._remember(request.id, held, outcome)
         return ReserveResult(True, None, expired) if expired else _RESERVED
 
@@ -591,16 +604,16 @@ class SQLiteStore:
             ValueError: ``actuals`` has fewer amounts than the reservation has charges
                 (nothing is changed).
         """
-        return self._write(lambda conn, now: self._settle(conn, now, reservation_id, actuals))
+        return self._write(lambda cursor, now: self._settle(cursor, now, reservation_id, actuals))
 
     def _settle(
         self,
-        conn: sqlite3.Connection,
+        cursor: sqlite3.Cursor,
         now: float,
         reservation_id: str,
         actuals: Sequence[float] | None,
     ) -> bool:
-        row = conn.execute(_LEASE_AND_BUCKET, (reservation_id,)).fetchone()
+        row = cursor.execute(_LEASE_AND_BUCKET, (reservation_id,)).fetchone()
         if row is None:
             return False
         text, first_key, level, updated_at, period_start, spent = row
@@ -608,14 +621,14 @@ class SQLiteStore:
         if actuals is not None and len(actuals) < len(held):
             msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
             raise ValueError(msg)  # nothing was changed
-        conn.execute(_DELETE_LEASE, (reservation_id,))
+        cursor.execute(_DELETE_LEASE, (reservation_id,))
         buckets: Buckets = {}
         if first_key is not None:
             buckets[first_key] = None if level is None else BucketState(level, updated_at, period_start, spent)
-        self._load(conn, _held_keys(held), buckets)
+        self._load(cursor, _held_keys(held), buckets)
         touched: dict[str, BucketState] = {}
         apply_settle(self._getter(buckets, touched, now), held, actuals)
-        self._save(conn, touched)
+        self._save(cursor, touched)
         return True
 
     def snapshot(self, spec: BucketSpec) -> BucketState:
@@ -630,11 +643,11 @@ class SQLiteStore:
     def sweep(self) -> tuple[ExpiredLease, ...]:
         """Settle expired leases at their reserved amounts and report each once."""
 
-        def body(conn: sqlite3.Connection, now: float) -> tuple[ExpiredLease, ...]:
-            row = conn.execute(_NEXT_EXPIRY).fetchone()
+        def body(cursor: sqlite3.Cursor, now: float) -> tuple[ExpiredLease, ...]:
+            row = cursor.execute(_NEXT_EXPIRY).fetchone()
             if row is not None and (row[0] is None or row[0] > now):
                 return ()  # the bound says no lease is due
-            return self._sweep(conn, now, {})[0]
+            return self._sweep(cursor, now, {})[0]
 
         return self._write(body)
 
