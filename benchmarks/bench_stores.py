@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -102,27 +103,21 @@ def bench_sqlite(rounds: int, ops: int, workdir: Path) -> tuple[float, float]:
 
 
 class _Recorder:
-    """Stands in for a store's connection: records each statement, then runs it."""
+    """Stands in for a store's write cursor: records each statement, then runs it."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self.cursor = cursor
+        self.connection = cursor.connection
         self.log: list[tuple[str, tuple[object, ...]]] = []
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.conn.in_transaction
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         self.log.append((sql, tuple(params)))
-        return self.conn.execute(sql, params)
+        return self.cursor.execute(sql, params)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> sqlite3.Cursor:
         rows = list(rows)
         self.log.extend((sql, tuple(r)) for r in rows)
-        return self.conn.executemany(sql, rows)
-
-    def close(self) -> None:
-        self.conn.close()
+        return self.cursor.executemany(sql, rows)
 
 
 Log = list[tuple[str, tuple[object, ...]]]
@@ -133,36 +128,41 @@ def _wal_size(path: Path) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
-def _pair_profile(
-    path: Path, ops: int, reserve: Callable[[int], object], settle: Callable[[int], object]
-) -> list[float]:
-    """Mean us per reserve and per settle, then WAL pages each commit wrote."""
+def _pair_times(ops: int, reserve: Callable[[int], object], settle: Callable[[int], object]) -> list[float]:
+    """Mean us per reserve and per settle over ``ops`` pairs."""
     clock = time.perf_counter
-    times: list[list[float]] = [[], []]
+    spent = [0.0, 0.0]
     for i in range(ops):
         started = clock()
         reserve(i)
         middle = clock()
         settle(i)
-        times[0].append(middle - started)
-        times[1].append(clock() - middle)
+        spent[0] += middle - started
+        spent[1] += clock() - middle
+    return [seconds / ops * 1e6 for seconds in spent]
+
+
+def _wal_pages(
+    path: Path, pairs: int, reserve: Callable[[int], object], settle: Callable[[int], object]
+) -> list[float]:
+    """WAL pages (frames) the commit of a reserve and of a settle wrote, on average."""
     with sqlite3.connect(path) as conn:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     grew = [0, 0]
-    for i in range(ops, ops + 200):
+    for i in range(pairs):
         before = _wal_size(path)
         reserve(i)
         middle = _wal_size(path)
         settle(i)
         grew[0] += middle - before
         grew[1] += _wal_size(path) - middle
-    return [statistics.fmean(t) * 1e6 for t in times] + [g / 200 / (page_size + 24) for g in grew]
+    return [g / pairs / (page_size + 24) for g in grew]
 
 
-def _replay(conn: sqlite3.Connection, logs: list[Log], ops: int) -> list[list[float]]:
+def _replay(execute: Callable[..., sqlite3.Cursor], logs: list[Log], ops: int) -> list[list[float]]:
     """Run the statements of ``logs`` in turn, ``ops`` times; us per run of each statement."""
-    execute, clock = conn.execute, time.perf_counter
+    clock = time.perf_counter
     spent = [[0.0] * len(log) for log in logs]
     for _ in range(ops):
         for log, acc in zip(logs, spent):
@@ -173,21 +173,10 @@ def _replay(conn: sqlite3.Connection, logs: list[Log], ops: int) -> list[list[fl
     return [[seconds / ops * 1e6 for seconds in acc] for acc in spent]
 
 
-def sqlite_breakdown(ops: int, workdir: Path) -> None:
-    """Where a reserve and a settle spend their time, next to the raw transaction.
-
-    Prints, per operation: the store's time (median), the statements it ran with the
-    time each takes when replayed bare on a copy of the store's file (so the rest is
-    Python: the store's code, the bucket arithmetic, the lease encoding), and the WAL
-    pages its commit wrote.
-    """
-    from budgetguard.stores.sqlite import SQLiteStore
-
-    path = workdir / "breakdown.db"
-    store = SQLiteStore(path)
-    charges = (Charge(BucketSpec("b", 1e15), 100.0),)
-    recorder = _Recorder(store._connection())
-    store._local.conn = recorder  # type: ignore[assignment]
+def _record(store: Any, charges: tuple[Charge, ...]) -> list[Log]:
+    """The statements (with parameters) of one reserve and of one settle of ``store``."""
+    recorder = _Recorder(store._cursor())
+    store._local.cursor = recorder
     store.reserve(ReserveRequest("warm", charges, 600.0))
     store.settle("warm", [50.0])
     recorder.log.clear()
@@ -196,43 +185,79 @@ def sqlite_breakdown(ops: int, workdir: Path) -> None:
     recorder.log = []
     store.settle("probe", [50.0])
     logs.append(recorder.log)
-    store._local.conn = recorder.conn
+    store._local.cursor = recorder.cursor
+    return logs
 
-    requests = [ReserveRequest(f"d-{i}", charges, 600.0) for i in range(ops + 200)]
-    actuals = [50.0]
-    ours = _pair_profile(
-        path, ops, lambda i: store.reserve(requests[i]), lambda i: store.settle(requests[i].id, actuals)
-    )
-    store.close()
 
-    bare_path = workdir / "bare.db"
-    bare = sqlite3.connect(bare_path, isolation_level=None, cached_statements=64)
-    bare.execute("PRAGMA journal_mode = WAL")
-    bare.execute("PRAGMA synchronous = NORMAL")
-    bare.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v REAL) WITHOUT ROWID")
-    bare.execute("INSERT INTO t VALUES ('b', 0)")
+def _bare(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, cached_statements=64)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # as the store's connections
+    return conn
+
+
+def sqlite_breakdown(rounds: int, ops: int, workdir: Path) -> None:
+    """Where a reserve and a settle spend their time, next to the raw transaction.
+
+    Prints, per operation: the store's time, the statements it ran with the time each
+    takes when replayed bare on the store's file (so the rest is Python: the store's
+    code, the bucket arithmetic, the lease encoding), and the WAL pages its commit wrote.
+    Each round times the store, its statements replayed and the raw transaction in turn;
+    the figures are medians over rounds of per-round means.
+    """
+    from budgetguard.stores.sqlite import SQLiteStore
+
+    path = workdir / "breakdown.db"
+    store = SQLiteStore(path)
+    charges = (Charge(BucketSpec("b", 1e15), 100.0),)
+    logs = _record(store, charges)
+    replay = _bare(path)
+    replay_cursor = replay.cursor()
+    raw = _bare(workdir / "bare.db")
+    raw.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v REAL) WITHOUT ROWID")
+    raw.execute("INSERT INTO t VALUES ('b', 0)")
     raw_log: Log = [("BEGIN IMMEDIATE", ()), ("UPDATE t SET v = v + 1 WHERE k = ?", ("b",)), ("COMMIT", ())]
-    raw_pages = _pair_profile(bare_path, ops, lambda i: _replay(bare, [raw_log], 1), lambda i: None)[2]
-    raw_statements = _replay(bare, [raw_log], ops)[0]
-    bare.close()
 
-    replay = sqlite3.connect(path, isolation_level=None, cached_statements=64)
-    replay.execute("PRAGMA synchronous = NORMAL")  # as the store's connections (WAL is the file's)
-    _replay(replay, logs, 100)  # warm up
-    statements = _replay(replay, logs, ops)
-    replay.close()
-
-    print(f"\nsqlite breakdown, us per operation (mean of {ops}; statements replayed bare on the store's file)")
-    print(f"  raw transaction: {sum(raw_statements):.1f} us, {raw_pages:.2f} WAL pages per commit")
-    for sql, us in zip(raw_log, raw_statements):
-        print(f"    {us:5.1f}  {sql[0]}")
-    for name, log, spent, store_us, pages in zip(("reserve", "settle"), logs, statements, ours[:2], ours[2:]):
-        total = sum(spent)
-        print(
-            f"  {name}: {store_us:.1f} us = {len(log)} statements {total:.1f} + Python {store_us - total:.1f}; "
-            f"{pages:.2f} WAL pages per commit"
+    actuals = [50.0]
+    samples: list[tuple[list[float], list[list[float]], list[float]]] = []
+    for r in range(rounds + 1):
+        requests = [ReserveRequest(f"d-{r}-{i}", charges, 600.0) for i in range(ops)]  # built before timing
+        ours = _pair_times(
+            ops,
+            lambda i, requests=requests: store.reserve(requests[i]),
+            lambda i, requests=requests: store.settle(requests[i].id, actuals),
         )
-        for (sql, _), us in zip(log, spent):
+        bare = _replay(replay_cursor.execute, logs, ops)  # the store reuses one cursor too
+        baseline = _replay(raw.execute, [raw_log], ops)[0]
+        if r:  # round 0 warms up
+            samples.append((ours, bare, baseline))
+    pages = _wal_pages(
+        path,
+        200,
+        lambda i: store.reserve(ReserveRequest(f"w-{i}", charges, 600.0)),
+        lambda i: store.settle(f"w-{i}", actuals),
+    )
+    raw_pages = _wal_pages(workdir / "bare.db", 200, lambda i: _replay(raw.execute, [raw_log], 1), lambda i: None)[0]
+    store.close()
+    replay.close()
+    raw.close()
+
+    def median(pick: Callable[[tuple[list[float], list[list[float]], list[float]]], float]) -> float:
+        return statistics.median(pick(sample) for sample in samples)
+
+    raw_us = [median(lambda s, k=k: s[2][k]) for k in range(len(raw_log))]
+    print(f"\nsqlite breakdown, us per operation (median of {rounds} rounds x {ops}; statements replayed bare)")
+    print(f"  raw transaction: {sum(raw_us):.1f} us, {raw_pages:.2f} WAL pages per commit")
+    for (sql, _), us in zip(raw_log, raw_us):
+        print(f"    {us:5.1f}  {sql}")
+    for n, (name, log) in enumerate(zip(("reserve", "settle"), logs)):
+        store_us = median(lambda s, n=n: s[0][n])
+        each = [median(lambda s, n=n, k=k: s[1][n][k]) for k in range(len(log))]
+        print(
+            f"  {name}: {store_us:.1f} us = {len(log)} statements {sum(each):.1f} + Python {store_us - sum(each):.1f}; "
+            f"{pages[n]:.2f} WAL pages per commit"
+        )
+        for (sql, _), us in zip(log, each):
             print(f"    {us:5.1f}  {sql[:110]}")
     print("  (a COMMIT's time includes its share of WAL checkpoints, one per 1000 pages written)")
 
@@ -309,7 +334,7 @@ def main() -> None:
         line("sqlite pairs vs raw BEGIN IMMEDIATE/UPDATE/COMMIT", ours, raw, ">=0.4x")
         if args.sqlite_breakdown:
             with tempfile.TemporaryDirectory() as tmp:
-                sqlite_breakdown(args.ops, Path(tmp))
+                sqlite_breakdown(args.rounds, args.ops, Path(tmp))
     if "redis" in only:
         ours, raw, three, lim = bench_redis(args.rounds, args.ops)
         line("redis pairs vs raw EVALSHA 'return 1'", ours, raw, ">=0.45x")
