@@ -104,7 +104,10 @@ _NEXT_AND_BUCKETS = (
 _NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
 _SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
 _SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
-_LEASES = "SELECT key, held, meta, expires_at FROM store WHERE kind = 2"
+# The sweep's scans of the lease range (no index on expires_at: they run only once the
+# bound has passed; SQLite filters the rows, Python sees only the due ones).
+_DUE_LEASES = "SELECT key, held, meta FROM store WHERE kind = 2 AND expires_at <= ? ORDER BY expires_at, key"
+_EARLIEST_LEASE = "SELECT min(expires_at) FROM store WHERE kind = 2"
 _INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta, bucket) VALUES (2, ?, ?, ?, ?, ?)"
 # Settle's first query: the lease, and its first bucket joined to it (a schema-1 lease has
 # no ``bucket``: its buckets are read by a second query).
@@ -525,18 +528,20 @@ class SQLiteStore:
         Returns:
             The expired leases (by expiry, then id) and the new bound.
         """
-        due = []
-        next_expiry: float | None = None
-        for rid, held, meta, expires_at in cursor.execute(_LEASES):
-            if expires_at <= now:
-                due.append((expires_at, rid, held, meta))
-            elif next_expiry is None or expires_at < next_expiry:
-                next_expiry = expires_at
+        due = cursor.execute(_DUE_LEASES, (now,)).fetchall()
+        if due:
+            leases = [(rid, _decode_held(held), meta) for rid, held, meta in due]
+            expired = self._expire(cursor, now, leases, buckets)
+        else:
+            expired = ()
+        next_expiry = cursor.execute(_EARLIEST_LEASE).fetchone()[0]  # after the deletes: what is left
         cursor.execute(_SET_NEXT_EXPIRY, (next_expiry,))
-        if not due:
-            return (), next_expiry
-        due.sort()
-        leases = [(rid, _decode_held(held), meta) for _, rid, held, meta in due]
+        return expired, next_expiry
+
+    def _expire(
+        self, cursor: sqlite3.Cursor, now: float, leases: list[tuple[str, list[Held], str]], buckets: Buckets
+    ) -> tuple[ExpiredLease, ...]:
+        """Charge ``leases`` at their reserved amounts and delete them."""
         self._load(cursor, {k: None for _, held, _ in leases for k in _held_keys(held)}, buckets)
         touched: dict[str, BucketState] = {}
         get = self._getter(buckets, touched, now)
@@ -546,7 +551,7 @@ class SQLiteStore:
         cursor.executemany(_DELETE_LEASE, [(rid,) for rid, _, _ in leases])
         for rid, _, _ in leases:
             self._memo.pop(rid, None)
-        return expired, next_expiry
+        return expired
 
     # -- protocol -------------------------------------------------------------------
 
