@@ -145,7 +145,11 @@ def _pair_times(ops: int, reserve: Callable[[int], object], settle: Callable[[in
 def _wal_pages(
     path: Path, pairs: int, reserve: Callable[[int], object], settle: Callable[[int], object]
 ) -> list[float]:
-    """WAL pages (frames) the commit of a reserve and of a settle wrote, on average."""
+    """WAL pages (frames) the commit of a reserve and of a settle wrote, on average.
+
+    Keep ``pairs`` small: once 1000 frames are written, a checkpoint lets the WAL restart
+    from its beginning and its size stops telling how much was written.
+    """
     with sqlite3.connect(path) as conn:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -233,11 +237,11 @@ def sqlite_breakdown(rounds: int, ops: int, workdir: Path) -> None:
             samples.append((ours, bare, baseline))
     pages = _wal_pages(
         path,
-        200,
+        100,
         lambda i: store.reserve(ReserveRequest(f"w-{i}", charges, 600.0)),
         lambda i: store.settle(f"w-{i}", actuals),
     )
-    raw_pages = _wal_pages(workdir / "bare.db", 200, lambda i: _replay(raw.execute, [raw_log], 1), lambda i: None)[0]
+    raw_pages = _wal_pages(workdir / "bare.db", 100, lambda i: _replay(raw.execute, [raw_log], 1), lambda i: None)[0]
     store.close()
     replay.close()
     raw.close()
