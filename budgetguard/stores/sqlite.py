@@ -40,7 +40,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii
 from typing import TypeVar
 
 from budgetguard.clock import Clock, SystemClock
@@ -64,9 +64,6 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 2
 """Stored in ``PRAGMA user_version``; an older file is migrated, a newer one refused."""
-
-_META, _BUCKET, _LEASE = 0, 1, 2
-"""Values of ``store.kind``."""
 
 _SCHEMA = (
     (
