@@ -28,8 +28,8 @@ import asyncio
 import functools
 import hashlib
 import itertools
-import json
 import os
+import struct
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -147,7 +147,35 @@ def _arg(value: float | None) -> float | str:
     return "" if value is None else value
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# The scripts' arguments are sequences of MessagePack values, which the script decodes
+# with one cmsgpack.unpack call (in C, about a third of what cjson takes for the same
+# request). Only what they need is written here: str, float64, small ints and false.
+_F64 = struct.Struct(">Bd").pack
+_FALSE = b"\xc2"
+
+
+def _mp_float(value: float) -> bytes:
+    return _F64(0xCB, value)
+
+
+def _mp_int(value: int) -> bytes:
+    return bytes((value,)) if 0 <= value < 0x80 else b"\xce" + value.to_bytes(4, "big")
+
+
+def _mp_str(text: str, errors: str = "strict") -> bytes:
+    data = text.encode("utf-8", errors)
+    n = len(data)
+    if n < 0x20:
+        return bytes((0xA0 | n,)) + data
+    if n < 0x100:
+        return bytes((0xD9, n)) + data
+    if n < 0x10000:
+        return b"\xda" + n.to_bytes(2, "big") + data
+    return b"\xdb" + n.to_bytes(4, "big") + data
+
+
+def _mp_optional(value: float | None) -> bytes:
+    return _FALSE if value is None else _F64(0xCB, value)
 
 
 class RedisStore:
@@ -224,7 +252,7 @@ class RedisStore:
         self._state_key = prefix + "state"
         self._expiry_key = prefix + "expiries"
         self._hex_cache: dict[str, str] = {}
-        self._spec_cache: dict[BucketSpec, str] = {}
+        self._spec_cache: dict[BucketSpec, bytes] = {}
         self._lock = threading.Lock()
         self._scripts: _Scripts | None = None
         self._ascripts: _Scripts | None = None
@@ -336,54 +364,54 @@ class RedisStore:
             self._hex_cache[key] = digest
         return digest
 
-    def _spec_json(self, spec: BucketSpec) -> str:
-        text = self._spec_cache.get(spec)
-        if text is None:
-            ps, pe = spec.period_start, spec.period_end
-            text = _dumps(
-                [
-                    self._hex(spec.key),
-                    spec.key,
-                    spec.capacity,
-                    spec.refill_per_second,
-                    False if ps is None else ps,
-                    False if pe is None else pe,
-                ]
+    def _spec_bytes(self, spec: BucketSpec) -> bytes:
+        packed = self._spec_cache.get(spec)
+        if packed is None:
+            packed = b"".join(
+                (
+                    _mp_str(self._hex(spec.key)),
+                    _mp_str(spec.key, "surrogatepass"),
+                    _mp_float(spec.capacity),
+                    _mp_float(spec.refill_per_second),
+                    _mp_optional(spec.period_start),
+                    _mp_optional(spec.period_end),
+                )
             )
             if len(self._spec_cache) >= 10_000:
                 self._spec_cache.clear()
-            self._spec_cache[spec] = text
-        return text
+            self._spec_cache[spec] = packed
+        return packed
 
-    def _reserve_payload(self, request: ReserveRequest) -> str:
-        # The request travels as one JSON argument that the script decodes in C (far
-        # cheaper than dozens of arguments on both ends); each spec's JSON is cached.
+    def _reserve_payload(self, request: ReserveRequest) -> bytes:
+        # One argument (see reserve.lua): id, nonce, lease seconds, meta, the number of
+        # specs, each spec (cached), then per charge its spec index, amount, lender index.
         charges = request.charges
         if len(charges) == 1 and charges[0].lender is None:  # the common case
-            specs, flat = self._spec_json(charges[0].bucket), _dumps([1, float(charges[0].amount), 0])
+            tail = b"\x01" + self._spec_bytes(charges[0].bucket) + b"\x01" + _mp_float(charges[0].amount) + b"\x00"
         else:
-            specs, flat = self._charges_json(charges)
+            tail = self._charges_bytes(charges)
         nonce = f"{self._nonce_prefix}{next(self._nonces)}"
-        head = _dumps([request.id, nonce, float(request.lease_seconds), request.meta])
-        return f"{head[:-1]},[{specs}],{flat}]"
+        return b"".join(
+            (_mp_str(request.id), _mp_str(nonce), _mp_float(request.lease_seconds), _mp_str(request.meta), tail)
+        )
 
-    def _charges_json(self, charges: Sequence[Charge]) -> tuple[str, str]:
-        specs: list[str] = []
-        flat: list[float] = []
+    def _charges_bytes(self, charges: Sequence[Charge]) -> bytes:
+        specs: list[bytes] = []
+        flat: list[bytes] = []
         index: dict[BucketSpec, int] = {}
         for charge in charges:
             for spec in (charge.bucket, charge.lender):
                 if spec is None:
-                    flat.append(0)
+                    flat.append(b"\x00")
                     continue
                 j = index.get(spec)
                 if j is None:
-                    specs.append(self._spec_json(spec))
+                    specs.append(self._spec_bytes(spec))
                     j = index[spec] = len(specs)
-                flat.append(j)
+                flat.append(_mp_int(j))
                 if spec is charge.bucket:
-                    flat.append(float(charge.amount))
-        return ",".join(specs), _dumps(flat)
+                    flat.append(_mp_float(charge.amount))
+        return b"".join((_mp_int(len(specs)), *specs, *flat))
 
     @staticmethod
     def _reserve_result(request: ReserveRequest, reply: Any) -> ReserveResult:
@@ -409,8 +437,11 @@ class RedisStore:
         )
 
     @staticmethod
-    def _settle_payload(reservation_id: str, actuals: Sequence[float] | None) -> str:
-        return _dumps([reservation_id, False if actuals is None else [float(a) for a in actuals]])
+    def _settle_payload(reservation_id: str, actuals: Sequence[float] | None) -> bytes:
+        # One argument (see settle.lua): the id, then every actual amount or false.
+        if actuals is None:
+            return _mp_str(reservation_id) + _FALSE
+        return b"".join((_mp_str(reservation_id), *[_mp_float(float(a)) for a in actuals]))
 
     def _snapshot_args(self, spec: BucketSpec) -> tuple[Any, ...]:
         return (

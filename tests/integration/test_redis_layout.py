@@ -113,3 +113,23 @@ def test_sweeps_past_the_limit_continue_on_the_next_call(store: RedisStore) -> N
     assert len(first.expired) == 500
     assert len(second.expired) == 20
     assert store.snapshot(spec).spent == 520.0
+
+
+@pytest.mark.parametrize("size", [0, 31, 32, 255, 256, 65_535, 65_536])
+@pytest.mark.parametrize("tail", ["", "ü💸"])
+def test_strings_of_every_msgpack_length_class_round_trip(store: RedisStore, size: int, tail: str) -> None:
+    text = "x" * (size - len(tail.encode()) if size > 8 else size) + tail  # `size` bytes (or a few more)
+    rid = f"id-{size}-" + "i" * min(size, 300)
+    spec = BucketSpec("strings-" + text[:40], 10.0)
+    assert store.reserve(ReserveRequest(rid, (Charge(spec, 1.0),), 0.1, text)).ok
+    time.sleep(0.2)
+    assert store.sweep() == (ExpiredLease(rid, (1.0,), text),)
+
+
+def test_more_specs_than_a_msgpack_fixint(store: RedisStore) -> None:
+    specs = [BucketSpec(f"wide-{i}", 10.0) for i in range(140)]
+    charges = tuple(Charge(spec, 1.0, specs[-1] if i == 0 else None) for i, spec in enumerate(specs[:-1]))
+    assert store.reserve(req("wide", *charges)).ok
+    assert store.snapshot(specs[138]).level == 9.0
+    assert store.settle("wide", [0.5] * len(charges))
+    assert store.snapshot(specs[138]).spent == 0.5

@@ -1,9 +1,9 @@
 -- budgetguard reserve: sweep due leases, then take every charge or none.
 -- KEYS: state hash, expiry zset.
--- ARGV[1]: the request as JSON (decoded in C by cjson; false stands for none):
---   [id, nonce, lease_seconds, meta,
---    [[bucket hex, readable key, capacity, refill, period_start, period_end], ...],
---    [spec index, amount, lender spec index or 0, ...]]                  (1-based)
+-- ARGV[1]: the request as a sequence of MessagePack values (false stands for none):
+--   id, nonce, lease_seconds, meta, n,
+--   n specs: bucket hex, readable key, capacity, refill, period_start, period_end,
+--   per charge: spec index (1-based), amount, lender spec index or 0
 -- Reply: 1 reserved, 3 replay of this very request (its reply was lost), 2 id already
 --   open; or, when denied or when leases expired, a table
 --   {status, charge index, available, retry_after, expired id, meta, amounts, ...}
@@ -11,23 +11,24 @@
 -- Calls in the common case: TIME, one HMGET (sweep bound, lease, buckets), one HSET
 -- (buckets, lease, bound), one ZADD.
 now = server_now()
-local request = cjson.decode(ARGV[1])
+local request = {cmsgpack.unpack(ARGV[1])}
 local id, nonce, meta = request[1], request[2], request[4]
 local expires_at = now + request[3]
 local lease_field = 'r:' .. id
 
-local specs, fields = {}, {'next', lease_field}
-for j, s in ipairs(request[5]) do
-  local field = 'b:' .. s[1]
-  specs[j] = {key = field, cap = s[3], rate = s[4], ps = s[5] or nil, pe = s[6] or nil}
-  names[field] = s[2]
+local specs, fields, o = {}, {'next', lease_field}, 5
+for j = 1, request[5] do
+  local field = 'b:' .. request[o + 1]
+  specs[j] = {key = field, cap = request[o + 3], rate = request[o + 4], ps = request[o + 5] or nil, pe = request[o + 6] or nil}
+  names[field] = request[o + 2]
   fields[j + 2] = field
+  o = o + 6
 end
-local charges, flat = {}, request[6]
-for i = 1, #flat / 3 do
-  local o = (i - 1) * 3
-  local lj = flat[o + 3]
-  charges[i] = {bs = specs[flat[o + 1]], amount = flat[o + 2], ls = lj > 0 and specs[lj] or nil}
+local charges = {}
+for i = 1, (#request - o) / 3 do
+  local lj = request[o + 3]
+  charges[i] = {bs = specs[request[o + 1]], amount = request[o + 2], ls = lj > 0 and specs[lj] or nil}
+  o = o + 3
 end
 
 local v = redis.call('HMGET', state_key, unpack(fields))

@@ -1,10 +1,12 @@
 -- budgetguard settle: once per lease; a lease that is gone (settled, swept) returns 0.
 -- KEYS: state hash, expiry zset.
--- ARGV[1]: JSON [id, [actual amounts]] or [id, false] (charge the reserved amounts).
+-- ARGV[1]: MessagePack values: the id, then the actual amounts, or false to charge the
+--   reserved amounts.
 -- Calls: TIME, HGET (lease), HMGET (its buckets), HSET (buckets), HDEL (lease), ZREM.
 now = server_now()
-local request = cjson.decode(ARGV[1])
-local id, actuals = request[1], request[2] or nil
+local actuals = {cmsgpack.unpack(ARGV[1])}
+local id = table.remove(actuals, 1)
+if actuals[1] == false then actuals = nil end
 local lease_field = 'r:' .. id
 local raw = redis.call('HGET', state_key, lease_field)
 if not raw then return 0 end
