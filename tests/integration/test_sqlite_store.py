@@ -6,6 +6,8 @@
 * The ``next_expiry`` bound that lets a reserve skip the lease scan is shared through
   the file: a lease written by another store (another process) is still swept on time,
   a stale bound only costs a scan, and a missing bound row is rebuilt.
+* Processes with short leases, some abandoned: every lease is settled or swept and
+  reported once, and the books balance.
 * The lease encoding writes exactly what ``json.dumps`` wrote (schema-1 leases read
   back unchanged) and floats round-trip bit for bit.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,8 @@ from budgetguard.stores.sqlite import (
 T0 = 1_700_000_000.0
 TEAM = BucketSpec("team\x1fteam=search", 100.0, 0.5)
 POOL = BucketSpec("company-pool", 1000.0)
+TEAM_BIG = BucketSpec("team-big", 1e12)
+POOL_BIG = BucketSpec("pool-big", 1e12)
 
 # Schema 1, as budgetguard 0.1.0 wrote it.
 V1_SCHEMA = (
@@ -214,6 +220,50 @@ def test_lease_written_by_another_process_is_swept(tmp_path: Path) -> None:
         assert store.sweep() == (ExpiredLease("child", (30.0,), "from child"),)
         assert store.snapshot(TEAM).spent == 30.0
         assert store.open_reservations() == 1
+
+
+def short_lease_worker(path: str, ops: int, seed: int, results: Any) -> None:
+    """Child process: reserve with short and long leases, abandon some, settle the rest."""
+    rng = random.Random(seed)
+    store = SQLiteStore(path, busy_timeout=15.0)
+    settled, expired = 0.0, []
+    for i in range(ops):
+        rid, amount = f"{seed}-{i}", float(rng.randint(1, 100))
+        result = store.reserve(
+            ReserveRequest(rid, (Charge(TEAM_BIG, amount), Charge(POOL_BIG, 1.0)), rng.choice([0.05, 0.2, 600.0]))
+        )
+        expired += [(e.id, e.amounts) for e in result.expired]
+        if rng.random() < 0.2:
+            continue  # abandoned: a sweep must charge it at the reserved amount
+        time.sleep(rng.random() * 0.002)
+        actual = float(rng.randint(0, int(amount)))
+        if store.settle(rid, [actual, 1.0]):  # False: it expired first and was swept
+            settled += actual + 1.0
+    store.close()
+    results.put((settled, expired))
+
+
+def test_processes_with_short_leases_balance_the_books(tmp_path: Path) -> None:
+    path = tmp_path / "books.db"
+    SQLiteStore(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    workers = [ctx.Process(target=short_lease_worker, args=(str(path), 200, seed, results)) for seed in range(4)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    with SQLiteStore(path, clock=FakeClock(start=time.time() + 10_000)) as late:  # every lease is due
+        final = [(e.id, e.amounts) for e in late.sweep()]
+        expired = [e for _, reported in outcomes for e in reported] + final
+        assert len({rid for rid, _ in expired}) == len(expired)  # each expired lease reported once
+        charged = sum(settled for settled, _ in outcomes) + sum(sum(amounts) for _, amounts in expired)
+        team, pool = late.snapshot(TEAM_BIG), late.snapshot(POOL_BIG)
+        assert team.spent + pool.spent == pytest.approx(charged, abs=1e-6)
+        assert (team.level, pool.level) == (1e12 - team.spent, 1e12 - pool.spent)
+        assert late.open_reservations() == 0
+        assert next_expiry(path) is None
 
 
 def test_missing_bound_row_means_scan_and_is_rebuilt(tmp_path: Path) -> None:
