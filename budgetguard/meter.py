@@ -48,6 +48,7 @@ __all__ = [
     "Invocation",
     "SyncMeter",
     "build_call",
+    "conclude",
     "decorate",
     "meters_for",
     "outcome",
@@ -219,6 +220,15 @@ def decorate(ticket: Ticket, response: LLMResult | None, usage: Usage | None) ->
                 gen.message.response_metadata["budgetguard"] = summary
 
 
+def conclude(
+    guard: BudgetGuard, ticket: Ticket, response: LLMResult | None, error: BaseException | None
+) -> tuple[Usage | None, str, UsageError | None]:
+    """:func:`outcome`, with the decision put on the response (:func:`decorate`)."""
+    usage, how, bad = outcome(guard, ticket, response, error)
+    decorate(ticket, response, usage)
+    return usage, how, bad
+
+
 def policy_outcome(policy: str | None) -> str:
     """The ledger outcome of a call that succeeded after ``policy`` (``"a+b"`` for several)."""
     names = (policy or "").split("+")
@@ -302,9 +312,8 @@ class SyncMeter(_ModelEvents, BaseCallbackHandler):
         if ticket is None or ticket.owner != "sync":
             return
         del self.inv.tickets[run_id]
-        usage, result, bad = outcome(self.inv.guard, ticket, response, error)
+        usage, result, bad = conclude(self.inv.guard, ticket, response, error)
         self.inv.guard.settle(ticket, usage, outcome=result, error=error or bad)
-        decorate(ticket, response, usage)
         if bad is not None:
             raise bad
 
@@ -344,9 +353,8 @@ class AsyncMeter(_ModelEvents, AsyncCallbackHandler):
         if ticket is None or ticket.owner != "async":
             return
         del self.inv.tickets[run_id]
-        usage, result, bad = outcome(self.inv.guard, ticket, response, error)
+        usage, result, bad = conclude(self.inv.guard, ticket, response, error)
         await self.inv.guard.asettle(ticket, usage, outcome=result, error=error or bad)
-        decorate(ticket, response, usage)
         if bad is not None:
             raise bad
 

@@ -43,7 +43,7 @@ from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.runnables.passthrough import RunnableAssign, RunnablePick
 
 from budgetguard.estimate import model_from_params
-from budgetguard.meter import build_call, decorate, outcome
+from budgetguard.meter import build_call, conclude
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
@@ -257,22 +257,15 @@ def _text(message: Any) -> str:
     return content if isinstance(content, str) else message.text
 
 
-def _settle_args(guard: BudgetGuard, ticket: Ticket, message: Any, error: BaseException | None) -> Any:
-    result = _result(message)
-    usage, how, bad = outcome(guard, ticket, result, error)
-    decorate(ticket, result, usage)
-    return usage, how, bad
-
-
 def _finish(guard: BudgetGuard, ticket: Ticket, message: Any, error: BaseException | None) -> None:
-    usage, how, bad = _settle_args(guard, ticket, message, error)
+    usage, how, bad = conclude(guard, ticket, _result(message), error)
     guard.settle(ticket, usage, outcome=how, error=error or bad)
     if bad is not None and error is None:
         raise bad
 
 
 async def _afinish(guard: BudgetGuard, ticket: Ticket, message: Any, error: BaseException | None) -> None:
-    usage, how, bad = _settle_args(guard, ticket, message, error)
+    usage, how, bad = conclude(guard, ticket, _result(message), error)
     await guard.asettle(ticket, usage, outcome=how, error=error or bad)
     if bad is not None and error is None:
         raise bad
