@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -230,7 +230,7 @@ class BudgetGuard:
                 specs.append(self._spec(self.budgets[ln.budget.borrow_from], {}))
         return tuple(specs)
 
-    def _request(self, call: Call, lines: Sequence[Line], ticket_meta: str) -> ReserveRequest:
+    def _request(self, call: Call, lines: Sequence[Line], ticket_meta: str | Callable[[], str]) -> ReserveRequest:
         charges = []
         for ln in lines:
             lender = self.budgets[ln.budget.borrow_from] if ln.budget.borrow_from else None
@@ -296,7 +296,7 @@ class BudgetGuard:
                 lines = self.lines_for(call)
                 ticket = Ticket(call, lines, self.clock.now(), owner, tried=tuple(tried))
                 try:
-                    result = yield Reserve(self._request(call, lines, ticket.meta_json()))
+                    result = yield Reserve(self._request(call, lines, ticket.meta_json))
                 except StoreUnavailable as exc:
                     if not self.fail_open:
                         raise

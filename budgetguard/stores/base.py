@@ -87,13 +87,20 @@ class ReserveRequest:
         charges: One charge per applicable budget.
         lease_seconds: How long the reservation may stay unsettled before a sweep
             charges it at the reserved amount.
-        meta: Opaque JSON text kept with the lease (for reporting expired leases).
+        meta: Opaque JSON text kept with the lease (for reporting expired leases), or a
+            function that returns it; a store that keeps leases in memory calls it only if
+            the lease expires. Read it with :meth:`meta_text`.
     """
 
     id: str
     charges: tuple[Charge, ...]
     lease_seconds: float = 600.0
-    meta: str = ""
+    meta: str | Callable[[], str] = ""
+
+    def meta_text(self) -> str:
+        """The lease's meta text (calls :attr:`meta` when it is a function)."""
+        meta = self.meta
+        return meta if isinstance(meta, str) else meta()
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ class MemoryStore:
         self.clock: Clock = clock or SystemClock()
         self._lock = threading.Lock()
         self._buckets: dict[str, BucketState] = {}
-        self._open: dict[str, tuple[list[Held], float, str]] = {}
+        self._open: dict[str, tuple[list[Held], float, ReserveRequest]] = {}
         # Earliest lease expiry among open reservations; a sweep scans only the
         # (few) open reservations, and only once this moment has passed.
         self._next_expiry = math.inf
@@ -64,10 +64,10 @@ class MemoryStore:
         touched: dict[str, BucketState] = {}
         get = self._getter(now, touched)
         next_expiry = math.inf
-        for rid, (held, expires, meta) in list(self._open.items()):
+        for rid, (held, expires, request) in list(self._open.items()):
             if expires <= now:
                 del self._open[rid]
-                expired.append(ExpiredLease(rid, apply_settle(get, held, None), meta))
+                expired.append(ExpiredLease(rid, apply_settle(get, held, None), request.meta_text()))
             elif expires < next_expiry:
                 next_expiry = expires
         self._next_expiry = next_expiry
@@ -90,7 +90,7 @@ class MemoryStore:
                 return ReserveResult(False, outcome, expired)
             self._buckets.update(touched)
             expires = now + request.lease_seconds
-            self._open[request.id] = (outcome, expires, request.meta)
+            self._open[request.id] = (outcome, expires, request)
             if expires < self._next_expiry:
                 self._next_expiry = expires
         return ReserveResult(True, None, expired)

@@ -392,7 +392,7 @@ class RedisStore:
             tail = self._charges_bytes(charges)
         nonce = f"{self._nonce_prefix}{next(self._nonces)}"
         return b"".join(
-            (_mp_str(request.id), _mp_str(nonce), _mp_float(request.lease_seconds), _mp_str(request.meta), tail)
+            (_mp_str(request.id), _mp_str(nonce), _mp_float(request.lease_seconds), _mp_str(request.meta_text()), tail)
         )
 
     def _charges_bytes(self, charges: Sequence[Charge]) -> bytes:

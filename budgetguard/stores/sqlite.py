@@ -578,7 +578,7 @@ class SQLiteStore:
         expires_at = now + request.lease_seconds
         held = _encode_held(outcome)
         try:
-            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta, request.charges[0].bucket.key))
+            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), request.charges[0].bucket.key))
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
