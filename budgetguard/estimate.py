@@ -41,7 +41,7 @@ from langchain_core.messages import BaseMessage
 
 from budgetguard.errors import ConfigurationError, EstimationError
 
-__all__ = ["EncodingChoice", "Estimate", "TokenEstimator", "model_from_params"]
+__all__ = ["CallShape", "EncodingChoice", "Estimate", "TokenEstimator", "model_from_params"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,31 @@ class Estimate:
     def total(self) -> int:
         """Input plus output tokens."""
         return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class CallShape:
+    """What an estimate takes from the model and its parameters, not from the prompt.
+
+    A model's plain calls share one shape, so it can be worked out once
+    (:meth:`TokenEstimator.shape`) and reused for every prompt
+    (:meth:`TokenEstimator.estimate_with`).
+
+    Attributes:
+        model: The model, if known.
+        choice: The encoding that counts the prompt.
+        fixed_tokens: Raw prompt tokens of bound tools and a structured-output schema.
+        per_completion: Output tokens reserved for one completion.
+        output_capped: True when the call set its own cap.
+        choices: Completions per prompt (``n``, ``best_of``, ``candidate_count``).
+    """
+
+    model: str | None
+    choice: EncodingChoice
+    fixed_tokens: int
+    per_completion: int
+    output_capped: bool
+    choices: int
 
 
 def _normalize(model: str) -> str:
@@ -640,6 +665,50 @@ class TokenEstimator:
         best = max((k for k in self._output_by_model if norm.startswith(k)), key=len, default=None) if norm else None
         return self._output_by_model[best] if best is not None else self.default_output_tokens
 
+    def shape(self, model: str | None, invocation_params: Mapping[str, Any]) -> CallShape:
+        """The model- and parameter-dependent part of :meth:`estimate`.
+
+        Args:
+            model: Model name (see :func:`model_from_params`), or None.
+            invocation_params: LangChain invocation params (see :meth:`estimate`).
+
+        Raises:
+            EstimationError: If the parameters cannot be read.
+        """
+        choice = self.encoding_for(model)
+        params = invocation_params
+        fixed = 0
+        tools = params.get("tools") or params.get("functions")
+        if tools:
+            fixed += self._tools_tokens(choice, tools)
+        schema = params.get("response_format")
+        if isinstance(schema, Mapping):  # structured output puts its JSON schema in the prompt
+            fixed += self._count(choice.encoding, (json.dumps(schema, ensure_ascii=False, default=str),))
+        choices = max([1, *(_int_param(k, params[k]) for k in _CHOICE_KEYS if params.get(k) is not None)])
+        cap = self.output_cap(params)
+        per_completion = cap if cap is not None else self.default_output(model)
+        return CallShape(model, choice, fixed, per_completion, cap is not None, choices)
+
+    def estimate_with(self, shape: CallShape, *, messages: Sequence[BaseMessage] | None = None,
+                      prompts: Sequence[str] | None = None) -> Estimate:
+        """:meth:`estimate` for a call whose :meth:`shape` is already known.
+
+        Raises:
+            EstimationError: If neither messages nor prompts is given, or the input
+                cannot be read.
+        """
+        choice = shape.choice
+        if messages is not None:
+            raw, calls = self._raw_messages(choice, messages, shape.model, None) + shape.fixed_tokens, 1
+        elif prompts is not None:
+            raw, calls = self._count(choice.encoding, prompts), max(len(prompts), 1)
+        else:
+            msg = "estimate() needs messages (chat models) or prompts (completion models)"
+            raise EstimationError(msg)
+        completions = shape.choices * calls
+        return Estimate(shape.model, _with_margin(raw, choice.margin), shape.per_completion * completions,
+                        shape.output_capped, choice.name, choice.exact, completions)
+
     def estimate(self, *, model: str | None, invocation_params: Mapping[str, Any],
                  messages: Sequence[BaseMessage] | None = None, prompts: Sequence[str] | None = None) -> Estimate:
         """Estimate one call: prompt tokens and the output reservation.
@@ -659,21 +728,4 @@ class TokenEstimator:
             EstimationError: If neither messages nor prompts is given, or the input
                 or parameters cannot be read.
         """
-        choice = self.encoding_for(model)
-        if messages is not None:
-            tools = invocation_params.get("tools") or invocation_params.get("functions")
-            raw, calls = self._raw_messages(choice, messages, model, tools), 1
-            schema = invocation_params.get("response_format")
-            if isinstance(schema, Mapping):  # structured output puts its JSON schema in the prompt
-                raw += self._count(choice.encoding, (json.dumps(schema, ensure_ascii=False, default=str),))
-        elif prompts is not None:
-            raw, calls = self._count(choice.encoding, prompts), max(len(prompts), 1)
-        else:
-            msg = "estimate() needs messages (chat models) or prompts (completion models)"
-            raise EstimationError(msg)
-        params = invocation_params
-        choices = max([1, *(_int_param(k, params[k]) for k in _CHOICE_KEYS if params.get(k) is not None)])
-        cap = self.output_cap(params)
-        per_completion = cap if cap is not None else self.default_output(model)
-        return Estimate(model, _with_margin(raw, choice.margin), per_completion * choices * calls,
-                        cap is not None, choice.name, choice.exact, choices * calls)
+        return self.estimate_with(self.shape(model, invocation_params), messages=messages, prompts=prompts)

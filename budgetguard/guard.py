@@ -20,6 +20,7 @@ from uuid import uuid4
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.base import RunnableBindingBase
 from langchain_core.runnables.config import ensure_config
+from langchain_core.utils.uuid import uuid7
 from pydantic import ConfigDict, Field
 from typing_extensions import override
 
@@ -548,7 +549,7 @@ def _pass_scopes(guard: BudgetGuard, config: RunnableConfig) -> None:
     scopes = guard.scopes_for(config)
     root = config.get("run_id")
     if root is None:
-        root = config["run_id"] = uuid4()  # the guarded run's id, so the ledger can group its calls
+        root = config["run_id"] = uuid7()  # the guarded run's id, so the ledger can group its calls
     configurable = config.get("configurable") or {}
     mine = {guard.uid: (scopes, root)}
     outer = configurable.get(SCOPES_KEY)

@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from budgetguard.errors import UsageError
-from budgetguard.estimate import model_from_params
+from budgetguard.estimate import CallShape, model_from_params
 from budgetguard.tickets import Call, Ticket
-from budgetguard.usage import Usage, usage_from_result
+from budgetguard.usage import Usage, usage_from_message, usage_from_result
 
 if TYPE_CHECKING:
-    from langchain_core.messages import BaseMessage
     from langchain_core.runnables import RunnableConfig
 
     from budgetguard.guard import BudgetGuard
@@ -150,9 +150,17 @@ def build_call(
     metadata: Mapping[str, Any] | None,
     parent_run_id: UUID | None,
     root_run_id: UUID | None,
+    shape: CallShape | None = None,
 ) -> Call:
-    """Estimate a call about to be sent and describe it for the guard."""
-    estimate = guard.estimator.estimate(model=model, invocation_params=params, messages=messages, prompts=prompts)
+    """Estimate a call about to be sent and describe it for the guard.
+
+    ``shape`` is the guard's estimator's :meth:`~budgetguard.estimate.TokenEstimator.shape`
+    of ``model`` and ``params``, when the caller already has it.
+    """
+    estimator = guard.estimator
+    if shape is None:
+        shape = estimator.shape(model, params)
+    estimate = estimator.estimate_with(shape, messages=messages, prompts=prompts)
     return Call(
         run_id=run_id,
         model=model,
@@ -169,10 +177,21 @@ def build_call(
     )
 
 
+Response = LLMResult | BaseMessage
+"""What a finished call gave back: LangChain's ``LLMResult`` (callbacks), or the model's
+message itself (a model metered in place)."""
+
+
 def outcome(
-    guard: BudgetGuard, ticket: Ticket, response: LLMResult | None, error: BaseException | None
+    guard: BudgetGuard, ticket: Ticket, response: Response | None, error: BaseException | None
 ) -> tuple[Usage | None, str, UsageError | None]:
     """What to settle a finished (or failed) call with, and how to record it.
+
+    Args:
+        guard: The guard settling the call.
+        ticket: The call's ticket.
+        response: What came back (``None``: nothing did).
+        error: The call's error, if it failed.
 
     Returns:
         The usage to settle (``None``: release the reservation), the ledger outcome, and
@@ -180,12 +199,15 @@ def outcome(
         usage (the call is then charged its reservation).
     """
     outcome = policy_outcome(ticket.call.policy) if error is None else "error"
-    if response is None or not any(response.generations):
+    if response is None:
         return None, outcome, None  # nothing came back: release the reservation
+    message = response if isinstance(response, BaseMessage) else None
+    if message is None and not any(response.generations):  # type: ignore[union-attr]
+        return None, outcome, None
     if _is_cache_hit(response):
         return Usage(0, 0), "ok", None
     try:
-        usage = usage_from_result(response)
+        usage = usage_from_message(message) if message is not None else usage_from_result(response)  # type: ignore[arg-type]
     except UsageError as exc:
         est = ticket.call.estimate
         bad = UsageError(
@@ -205,7 +227,7 @@ def outcome(
     return usage, outcome, None
 
 
-def decorate(ticket: Ticket, response: LLMResult | None, usage: Usage | None) -> None:
+def decorate(ticket: Ticket, response: Response | None, usage: Usage | None) -> None:
     """Put the guard's decision where traces and the caller can see it."""
     if response is None:
         return
@@ -213,6 +235,9 @@ def decorate(ticket: Ticket, response: LLMResult | None, usage: Usage | None) ->
     if usage is not None:
         summary["input_tokens"] = usage.input_tokens
         summary["output_tokens"] = usage.output_tokens
+    if isinstance(response, BaseMessage):
+        response.response_metadata["budgetguard"] = summary
+        return
     response.llm_output = {**(response.llm_output or {}), "budgetguard": summary}
     for gens in response.generations:
         for gen in gens:
@@ -221,7 +246,7 @@ def decorate(ticket: Ticket, response: LLMResult | None, usage: Usage | None) ->
 
 
 def conclude(
-    guard: BudgetGuard, ticket: Ticket, response: LLMResult | None, error: BaseException | None
+    guard: BudgetGuard, ticket: Ticket, response: Response | None, error: BaseException | None
 ) -> tuple[Usage | None, str, UsageError | None]:
     """:func:`outcome`, with the decision put on the response (:func:`decorate`)."""
     usage, how, bad = outcome(guard, ticket, response, error)
@@ -231,7 +256,9 @@ def conclude(
 
 def policy_outcome(policy: str | None) -> str:
     """The ledger outcome of a call that succeeded after ``policy`` (``"a+b"`` for several)."""
-    names = (policy or "").split("+")
+    if not policy:
+        return "ok"
+    names = policy.split("+")
     if "cheaper_model" in names:
         return "fell_back"
     if "compress" in names:
@@ -239,8 +266,19 @@ def policy_outcome(policy: str | None) -> str:
     return "ok"
 
 
-def _is_cache_hit(response: LLMResult) -> bool:
+def _answers(response: Response) -> list[tuple[str, Any]]:
+    """``(text, message or None)`` of each generation in ``response``."""
+    if isinstance(response, BaseMessage):
+        content = response.content
+        return [(content if isinstance(content, str) else response.text, response)]
+    return [(gen.text, getattr(gen, "message", None)) for gens in response.generations for gen in gens]
+
+
+def _is_cache_hit(response: Response) -> bool:
     # LangChain marks chat generations served from its cache with total_cost == 0.
+    if isinstance(response, BaseMessage):
+        usage = getattr(response, "usage_metadata", None)
+        return bool(usage) and usage.get("total_cost") == 0  # type: ignore[union-attr]
     for gens in response.generations:
         for gen in gens:
             usage = getattr(getattr(gen, "message", None), "usage_metadata", None)
@@ -249,16 +287,15 @@ def _is_cache_hit(response: LLMResult) -> bool:
     return False
 
 
-def _generated_text(response: LLMResult) -> str:
+def _generated_text(response: Response) -> str:
     parts: list[str] = []
-    for gens in response.generations:
-        for gen in gens:
-            if gen.text:
-                parts.append(gen.text)
-            for tc in getattr(getattr(gen, "message", None), "tool_calls", None) or ():
-                parts.append(str(tc.get("name", "")) + str(tc.get("args", "")))
-            for tc in getattr(getattr(gen, "message", None), "tool_call_chunks", None) or ():
-                parts.append(str(tc.get("name") or "") + str(tc.get("args") or ""))
+    for text, message in _answers(response):
+        if text:
+            parts.append(text)
+        for tc in getattr(message, "tool_calls", None) or ():
+            parts.append(str(tc.get("name", "")) + str(tc.get("args", "")))
+        for tc in getattr(message, "tool_call_chunks", None) or ():
+            parts.append(str(tc.get("name") or "") + str(tc.get("args") or ""))
     return "".join(parts)
 
 

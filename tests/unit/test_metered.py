@@ -127,3 +127,29 @@ def test_a_lambda_calling_a_model_still_gets_metered_through_callbacks() -> None
     assert not chain.in_place
     chain.invoke({"q": "hi"})
     assert guard.remaining("g") == 1000 - 13
+
+
+def test_a_copy_works_out_its_parameters_once_and_bound_arguments_every_call(tmp_path: Any) -> None:
+    import gc
+
+    from budgetguard import metered
+
+    ledger = Ledger(tmp_path / "ledger.db")
+    guard = BudgetGuard([Budget("g", limit=10_000)], ledger=ledger)
+    llm = model(input_tokens=10, max_tokens=20)
+    chain = guard | (PROMPT | llm)
+    copy = chain.bound.steps[1]
+    chain.invoke({"q": "hi"})
+    params, name, shape = metered._SHAPES[id(copy)][1:]
+    assert (params["max_tokens"], shape.per_completion, shape.output_capped) == (20, 20, True)
+    chain.invoke({"q": "hi again"})
+    assert metered._SHAPES[id(copy)][1] is params  # reused, not rebuilt
+    for cap in (5, 7):  # bound arguments: worked out for the call, never cached
+        (guard | (PROMPT | llm.bind(max_tokens=cap))).invoke({"q": "hi"})
+    ledger.flush()
+    assert [r.estimated_output_tokens for r in ledger.records()] == [20, 20, 5, 7]
+    ledger.close()
+    key = id(copy)
+    del chain, copy
+    gc.collect()
+    assert key not in metered._SHAPES  # dropped with its model
