@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["BudgetGuard", "GuardedRunnable"]
 
 logger = logging.getLogger("budgetguard")
+
+_SPEC_CACHE_SIZE = 4096
 
 
 class BudgetGuard:
@@ -124,6 +126,7 @@ class BudgetGuard:
         self.fail_open = fail_open
         self._uses_usd = any(b.unit == "usd" for b in self.budgets.values())
         self._handoff: dict[str, Ticket] = {}
+        self._specs: dict[tuple[str, ...], tuple[BucketSpec, float, float]] = {}
         self.uid = uuid4().hex[:12]
         """Tells this guard's entries in run metadata from another guard's."""
 
@@ -175,15 +178,26 @@ class BudgetGuard:
 
     # -- queries -----------------------------------------------------------------------
 
-    def _spec(self, budget: Budget, scope: Mapping[str, str]) -> BucketSpec:
-        bounds = budget.period_bounds(self.clock.now())
-        return BucketSpec(
+    def _spec(self, budget: Budget, scope: Mapping[str, str], now: float | None = None) -> BucketSpec:
+        """The bucket of ``budget`` for ``scope``, as of ``now`` (kept until its period ends)."""
+        if now is None:
+            now = self.clock.now()
+        key = (budget.name, *scope.values())
+        hit = self._specs.get(key)
+        if hit is not None and hit[1] <= now < hit[2]:
+            return hit[0]
+        bounds = budget.period_bounds(now)
+        spec = BucketSpec(
             budget.bucket_key(scope),
             budget.limit,
             budget.refill_per_second,
             bounds[0] if bounds else None,
             bounds[1] if bounds else None,
         )
+        if len(self._specs) >= _SPEC_CACHE_SIZE:  # many scopes (users): start again rather than grow
+            self._specs.clear()
+        self._specs[key] = (spec, bounds[0] if bounds else -math.inf, bounds[1] if bounds else math.inf)
+        return spec
 
     def _budget(self, name: str) -> Budget:
         try:
@@ -231,18 +245,14 @@ class BudgetGuard:
                 specs.append(self._spec(self.budgets[ln.budget.borrow_from], {}))
         return tuple(specs)
 
-    def _request(self, call: Call, lines: Sequence[Line], ticket_meta: str | Callable[[], str]) -> ReserveRequest:
+    def _request(self, ticket: Ticket) -> ReserveRequest:
+        now = ticket.started
         charges = []
-        for ln in lines:
-            lender = self.budgets[ln.budget.borrow_from] if ln.budget.borrow_from else None
-            charges.append(
-                Charge(
-                    self._spec(ln.budget, ln.scope),
-                    ln.amount,
-                    self._spec(lender, {}) if lender is not None else None,
-                )
-            )
-        return ReserveRequest(str(call.run_id), tuple(charges), self.lease_seconds, ticket_meta)
+        for ln in ticket.lines:
+            budget = ln.budget
+            lender = self._spec(self.budgets[budget.borrow_from], {}, now) if budget.borrow_from else None
+            charges.append(Charge(self._spec(budget, ln.scope, now), ln.amount, lender))
+        return ReserveRequest(ticket.id, tuple(charges), self.lease_seconds, ticket.meta_json)
 
     def window_error(self, call: Call) -> ContextWindowExceeded | None:
         """The error for a call that does not fit its model's context window, if it does not."""
@@ -297,7 +307,7 @@ class BudgetGuard:
                 lines = self.lines_for(call)
                 ticket = Ticket(call, lines, self.clock.now(), owner, tried=tuple(tried))
                 try:
-                    result = yield Reserve(self._request(call, lines, ticket.meta_json))
+                    result = yield Reserve(self._request(ticket))
                 except StoreUnavailable as exc:
                     if not self.fail_open:
                         raise

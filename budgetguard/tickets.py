@@ -89,6 +89,7 @@ class Ticket:
         fail_open: The store was unreachable and the guard was told to let calls through.
         tried: Overflow policies tried before this reservation succeeded.
         settled: Set once the ticket is settled.
+        id: The reservation id (the run id as text).
     """
 
     call: Call
@@ -98,11 +99,11 @@ class Ticket:
     fail_open: bool = False
     tried: tuple[str, ...] = ()
     settled: bool = False
+    id: str = field(init=False)
+    """The reservation id (the run id as text)."""
 
-    @property
-    def id(self) -> str:
-        """The reservation id (the run id as text)."""
-        return str(self.call.run_id)
+    def __post_init__(self) -> None:
+        self.id = str(self.call.run_id)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able record of the decision, for traces and logs."""

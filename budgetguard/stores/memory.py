@@ -14,12 +14,15 @@ from budgetguard.stores.base import (
     Held,
     ReserveRequest,
     ReserveResult,
+    StateGetter,
     apply_reserve,
     apply_settle,
     refresh,
 )
 
 __all__ = ["MemoryStore"]
+
+_RESERVED = ReserveResult(True)  # results are immutable: the common one is shared
 
 
 class MemoryStore:
@@ -43,17 +46,18 @@ class MemoryStore:
 
     # -- helpers --------------------------------------------------------------------
 
-    def _getter(self, now: float, touched: dict[str, BucketState]):  # noqa: ANN202
+    def _getter(self, now: float) -> StateGetter:
         buckets = self._buckets
 
         def get(spec: BucketSpec) -> BucketState:
-            state = touched.get(spec.key)
+            # Refreshing in place is safe even if the request is then denied: it only
+            # brings the bucket up to date, and refreshing again at the same moment
+            # changes nothing, so every charge on one bucket sees the same object.
+            state = buckets.get(spec.key)
             if state is None:
-                # Refreshing in place is safe even if the request is then denied:
-                # it only brings the bucket up to date.
-                state = refresh(buckets.get(spec.key), spec, now)
-                touched[spec.key] = state
-            return state
+                state = buckets[spec.key] = refresh(None, spec, now)
+                return state
+            return refresh(state, spec, now)
 
         return get
 
@@ -61,8 +65,7 @@ class MemoryStore:
         if now < self._next_expiry:
             return ()
         expired: list[ExpiredLease] = []
-        touched: dict[str, BucketState] = {}
-        get = self._getter(now, touched)
+        get = self._getter(now)
         next_expiry = math.inf
         for rid, (held, expires, request) in list(self._open.items()):
             if expires <= now:
@@ -71,7 +74,6 @@ class MemoryStore:
             elif expires < next_expiry:
                 next_expiry = expires
         self._next_expiry = next_expiry
-        self._buckets.update(touched)
         return tuple(expired)
 
     # -- protocol -------------------------------------------------------------------
@@ -84,16 +86,14 @@ class MemoryStore:
             if request.id in self._open:
                 msg = f"reservation id {request.id!r} is already open"
                 raise ValueError(msg)
-            touched: dict[str, BucketState] = {}
-            outcome = apply_reserve(self._getter(now, touched), request.charges, now)
+            outcome = apply_reserve(self._getter(now), request.charges, now)
             if not isinstance(outcome, list):
                 return ReserveResult(False, outcome, expired)
-            self._buckets.update(touched)
             expires = now + request.lease_seconds
             self._open[request.id] = (outcome, expires, request)
             if expires < self._next_expiry:
                 self._next_expiry = expires
-        return ReserveResult(True, None, expired)
+        return ReserveResult(True, None, expired) if expired else _RESERVED
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Settle once; later calls for the same id return ``False`` and change nothing."""
@@ -106,9 +106,7 @@ class MemoryStore:
                 msg = f"settle({reservation_id!r}) got {len(actuals)} amounts for {len(entry[0])} charges"
                 raise ValueError(msg)
             del self._open[reservation_id]
-            touched: dict[str, BucketState] = {}
-            apply_settle(self._getter(now, touched), entry[0], actuals)
-            self._buckets.update(touched)
+            apply_settle(self._getter(now), entry[0], actuals)
         return True
 
     def snapshot(self, spec: BucketSpec) -> BucketState:
