@@ -49,6 +49,7 @@ from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.base import (
     BucketSpec,
     BucketState,
+    Denial,
     ExpiredLease,
     Held,
     ReserveRequest,
@@ -98,6 +99,7 @@ _NEXT_AND_BUCKETS = (
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key IN ({marks})"
     " WHERE m.kind = 0 AND m.key = 'next_expiry'"
 )
+_NEXT_AND_BUCKET = _NEXT_AND_BUCKETS.format(marks="?")
 _NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
 _SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
 _SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
@@ -244,6 +246,9 @@ class SQLiteStore:
     Example:
         >>> store = SQLiteStore("/var/lib/myapp/budgets.db")  # doctest: +SKIP
     """
+
+    _one_bucket_paths = True
+    """Reserve and settle one bucket without a pool on lean paths (tests turn them off to compare)."""
 
     def __init__(
         self,
@@ -410,43 +415,47 @@ class SQLiteStore:
             describe=self._describe,
         )
 
-    def _write(self, body: Callable[[sqlite3.Cursor, float], T]) -> T:
-        """Run ``body(cursor, now)`` inside one ``BEGIN IMMEDIATE`` transaction.
+    def _write(self, body: Callable[..., T], *args: object) -> T:
+        """Run ``body(cursor, now, *args)`` inside one ``BEGIN IMMEDIATE`` transaction.
 
         All of its statements run on the thread's one write cursor; the last one is
         always ``COMMIT`` or ``ROLLBACK``, so no read stays open between operations.
         """
+        return self.retry.call(
+            lambda: self._attempt(body, args),
+            is_transient=self._is_transient,
+            is_unavailable=self._is_unavailable,
+            describe=self._describe,
+        )
 
-        def attempt() -> T:
-            lock = self._write_lock
-            if not (
-                lock.acquire(blocking=False) or (self.busy_timeout > 0 and lock.acquire(timeout=self.busy_timeout))
-            ):
-                msg = "database is locked (another thread of this process held the write lock past busy_timeout)"
-                raise sqlite3.OperationalError(msg)
-            try:
+    def _attempt(self, body: Callable[..., T], args: tuple[object, ...]) -> T:
+        lock = self._write_lock
+        if not (lock.acquire(blocking=False) or (self.busy_timeout > 0 and lock.acquire(timeout=self.busy_timeout))):
+            msg = "database is locked (another thread of this process held the write lock past busy_timeout)"
+            raise sqlite3.OperationalError(msg)
+        try:
+            cursor = self._local.cursor
+            if cursor is None:
                 cursor = self._cursor()
-                started = time.monotonic()
-                try:
-                    cursor.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError as exc:
-                    # A refusal that came back without waiting is not another writer.
-                    if _is_busy(exc) and time.monotonic() - started < self.busy_timeout / 2:
-                        raise _Contended(exc) from exc
-                    raise
-                try:
-                    result = body(cursor, self.clock.now())  # time read while holding the lock
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    if cursor.connection.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):  # the connection may be gone
-                            cursor.execute("ROLLBACK")
-                    raise
-                return result
-            finally:
-                lock.release()
-
-        return self._run(attempt)
+            started = time.monotonic()
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                # A refusal that came back without waiting is not another writer.
+                if _is_busy(exc) and time.monotonic() - started < self.busy_timeout / 2:
+                    raise _Contended(exc) from exc
+                raise
+            try:
+                result = body(cursor, self.clock.now(), *args)  # time read while holding the lock
+                cursor.execute("COMMIT")
+            except BaseException:
+                if cursor.connection.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the connection may be gone
+                        cursor.execute("ROLLBACK")
+                raise
+            return result
+        finally:
+            lock.release()
 
     # -- row helpers ----------------------------------------------------------------
 
@@ -559,9 +568,39 @@ class SQLiteStore:
             ValueError: A reservation with this id is open.
             StoreUnavailable: The file cannot be used (see :class:`SQLiteStore`).
         """
-        return self._write(lambda cursor, now: self._reserve(cursor, now, request))
+        return self._write(self._reserve, request)
 
     def _reserve(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
+        charges = request.charges
+        if len(charges) != 1 or charges[0].lender is not None or not self._one_bucket_paths:
+            return self._reserve_any(cursor, now, request)
+        # One bucket, no pool (the common case): the same steps as _reserve_any without
+        # its dicts, getter and loops.
+        spec = charges[0].bucket
+        row = cursor.execute(_NEXT_AND_BUCKET, (spec.key,)).fetchone()
+        if row is None or (row[0] is not None and row[0] <= now):
+            return self._reserve_any(cursor, now, request)  # the bound row is missing or a lease may be due
+        next_expiry, found, level, updated_at, period_start, spent = row
+        state = refresh(None if found is None else BucketState(level, updated_at, period_start, spent), spec, now)
+        outcome = apply_reserve(lambda _: state, charges, now)
+        if isinstance(outcome, Denial):
+            if cursor.execute(_IS_OPEN, (request.id,)).fetchone():
+                _duplicate(request.id)
+            return ReserveResult(False, outcome)
+        cursor.execute(_SAVE, (spec.key, state.level, state.updated_at, state.period_start, state.spent))
+        expires_at = now + request.lease_seconds
+        h = outcome[0]
+        held = f"[[{_spec_json(spec)},null,{_number(h.took)},{_number(h.lent)},{_number(h.period)},null]]"
+        try:
+            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), spec.key))
+        except sqlite3.IntegrityError:
+            _duplicate(request.id)
+        if next_expiry is None or expires_at < next_expiry:
+            cursor.execute(_SET_NEXT_EXPIRY, (expires_at,))
+        self._remember(request.id, held, outcome)
+        return _RESERVED
+
+    def _reserve_any(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
         keys = _request_keys(request)
         has_meta, next_expiry = self._load_with_next_expiry(cursor, keys, buckets)
@@ -578,7 +617,8 @@ class SQLiteStore:
         expires_at = now + request.lease_seconds
         held = _encode_held(outcome)
         try:
-            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), request.charges[0].bucket.key))
+            first_key = request.charges[0].bucket.key
+            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), first_key))
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
@@ -606,7 +646,7 @@ class SQLiteStore:
             ValueError: ``actuals`` has fewer amounts than the reservation has charges
                 (nothing is changed).
         """
-        return self._write(lambda cursor, now: self._settle(cursor, now, reservation_id, actuals))
+        return self._write(self._settle, reservation_id, actuals)
 
     def _settle(
         self,
@@ -624,6 +664,14 @@ class SQLiteStore:
             msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
             raise ValueError(msg)  # nothing was changed
         cursor.execute(_DELETE_LEASE, (reservation_id,))
+        if len(held) == 1 and self._one_bucket_paths:
+            h = held[0]
+            if h.lender is None and first_key == h.bucket.key:  # one bucket, read with the lease
+                state = BucketState(level, updated_at, period_start, spent) if level is not None else None
+                state = refresh(state, h.bucket, now)
+                apply_settle(lambda _: state, held, actuals)
+                cursor.execute(_SAVE, (first_key, state.level, state.updated_at, state.period_start, state.spent))
+                return True
         buckets: Buckets = {}
         if first_key is not None:
             buckets[first_key] = None if level is None else BucketState(level, updated_at, period_start, spent)
