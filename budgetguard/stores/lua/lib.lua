@@ -16,17 +16,19 @@
 -- KEYS[2], the expiry zset: reservation id by lease expiry (server time).
 -- Numbers handed to redis.call are written by Redis with '%.17g' (exact); numbers in
 -- replies go out through fmt() for the same reason (Lua's tostring keeps 14 digits).
+--
+-- Written for speed (every script runs this chunk, and Redis runs one script at a time):
+-- a bucket is a table {level, updated_at, period (false: none), spent}; a lease stays the
+-- flat array cmsgpack.unpack gives (charge i at offset 2 + 14 * (i - 1)); specs travel as
+-- their four numbers (capacity, refill, period_start, period_end; false for none) and
+-- periods are always a number or false, so Python's None == None is Lua's false == false.
 
 local now = 0
 local state_key, expiry_key = KEYS[1], KEYS[2]
+local tonumber, unpack, pack, mmin = tonumber, unpack, cmsgpack.pack, math.min
 
 local function fmt(x)
   return string.format('%.17g', x)
-end
-
-local function num(s)
-  if s == nil or s == false or s == '' then return nil end
-  return tonumber(s)
 end
 
 local function server_now()
@@ -34,270 +36,213 @@ local function server_now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function same(a, b)  -- Python's ==, where nil/false both stand for None
-  if a == nil then a = false end
-  if b == nil then b = false end
-  return a == b
-end
-
-local function is_finite(x)
-  return x == x and x ~= math.huge and x ~= -math.huge
-end
-
--- field -> stored state (table) or false (no such bucket); refreshed in place like
--- MemoryStore's dict entries.
+-- field -> stored bucket (table) or false (no such bucket), shared by the phases of a
+-- script; dirty buckets are written by flush().
 local loaded = {}
 local dirty, dirty_order = {}, {}
-local names = {}  -- bucket field -> readable key (reserve only: written with a new bucket)
 
 local function decode_state(raw)
   if not raw then return false end
   local l, u, p, s = cmsgpack.unpack(raw)
-  return {l = l, u = u, p = p or nil, s = s}
+  return {l, u, p, s}
 end
 
--- One HMGET for every field of `fields` not loaded yet.
-local function prefetch(fields)
-  local want, seen = {}, {}
-  for _, f in ipairs(fields) do
-    if loaded[f] == nil and not seen[f] then
-      seen[f] = true
-      want[#want + 1] = f
-    end
-  end
-  if #want == 0 then return end
-  local v = redis.call('HMGET', state_key, unpack(want))
-  for i, f in ipairs(want) do loaded[f] = decode_state(v[i]) end
-end
-
-local function load(field)
-  local st = loaded[field]
-  if st == nil then
-    st = decode_state(redis.call('HGET', state_key, field))
-    loaded[field] = st
-  end
-  return st
-end
-
-local function current_period(spec, t)
-  if spec.ps == nil then return nil end
-  if spec.pe ~= nil and t >= spec.pe then return spec.pe end
-  return spec.ps
-end
-
-local function refresh(st, spec, t)
-  local period = current_period(spec, t)
+-- base.refresh; a new bucket is marked [5] = true (flush() then writes its readable key).
+local function refresh(st, cap, rate, ps, pe, t)
+  local period = ps
+  if ps and pe and t >= pe then period = pe end
   if not st then
-    return {l = spec.cap, u = t, p = period, s = 0, new = true}
+    return {cap, t, period, 0, true}
   end
-  if period ~= nil and (st.p == nil or period > st.p) then
-    st.l = spec.cap
-    st.p = period
-    st.u = t
+  if period and (not st[3] or period > st[3]) then
+    st[1], st[3], st[2] = cap, period, t
     return st
   end
-  local elapsed = t - st.u
+  local elapsed = t - st[2]
   if elapsed > 0 then
-    if spec.rate > 0 and st.l < spec.cap then
-      st.l = math.min(spec.cap, st.l + spec.rate * elapsed)
+    if rate > 0 and st[1] < cap then
+      st[1] = mmin(cap, st[1] + rate * elapsed)
     end
-    st.u = t
+    st[2] = t
   end
-  if st.l > spec.cap then st.l = spec.cap end
+  if st[1] > cap then st[1] = cap end
   return st
 end
 
-local function retry_after(st, spec, amount, t)
-  local need = amount - st.l
+-- base.retry_after
+local function retry_after(st, cap, rate, pe, amount, t)
+  local function is_finite(x)
+    return x == x and x ~= math.huge and x ~= -math.huge
+  end
+  local need = amount - st[1]
   if need <= 0 then return 0 end
-  if amount > spec.cap + 1e-9 then return nil end
+  if amount > cap + 1e-9 then return nil end
   local best = nil
-  if spec.rate > 0 then
-    local w = need / spec.rate
+  if rate > 0 then
+    local w = need / rate
     if is_finite(w) then best = w end
   end
-  if spec.pe ~= nil and t < spec.pe then  -- past the end: the next end is unknown
-    local w = math.max(spec.pe - t, 0)
+  if pe and t < pe then  -- past the end: the next end is unknown
+    local w = math.max(pe - t, 0)
     if best == nil or w < best then best = w end
   end
   return best
 end
 
--- One phase = one "touched" dict of the Python code: get(field, spec) refreshes a bucket
--- once per phase and returns the same table for the same field.
-local function new_phase()
-  local touched, order = {}, {}
-  local function get(field, spec)
-    local st = touched[field]
-    if st == nil then
-      st = refresh(load(field), spec, now)
-      touched[field] = st
-      order[#order + 1] = field
-    end
-    return st
+-- The bucket in `field` brought up to now (loaded once per script, with an HGET if no
+-- HMGET fetched it). Refreshing again at the same now changes nothing (MemoryStore's
+-- getter relies on that too), so every charge on one bucket sees the same table.
+local function touch(field, cap, rate, ps, pe)
+  local st = loaded[field]
+  if st == nil then
+    st = decode_state(redis.call('HGET', state_key, field))
   end
-  local function keep()  -- MemoryStore: self._buckets.update(touched)
-    for _, field in ipairs(order) do
-      loaded[field] = touched[field]
-      if not dirty[field] then
-        dirty[field] = true
-        dirty_order[#dirty_order + 1] = field
-      end
-    end
-  end
-  return get, keep
+  st = refresh(st, cap, rate, ps, pe, now)
+  loaded[field] = st
+  return st
 end
 
--- One HSET: every bucket kept since the last flush, then the field/value pairs of `extra`.
-local function flush(extra)
-  local args = {}
+-- The bucket in `field` is written by the next flush().
+local function mark(field)
+  if not dirty[field] then
+    dirty[field] = true
+    dirty_order[#dirty_order + 1] = field
+  end
+end
+
+-- One HSET (the script's only one): every marked bucket (a new one with its readable key
+-- from `names`, when given), then up to two more field/value pairs.
+local function flush(names, f1, v1, f2, v2)
+  local args, n = {}, 0
   for _, field in ipairs(dirty_order) do
     local st = loaded[field]
-    args[#args + 1] = field
-    args[#args + 1] = cmsgpack.pack(st.l, st.u, st.p or false, st.s)
-    if st.new then
-      st.new = nil
-      if names[field] then
-        args[#args + 1] = 'k:' .. string.sub(field, 3)
-        args[#args + 1] = names[field]
+    args[n + 1], args[n + 2] = field, pack(st[1], st[2], st[3], st[4])
+    n = n + 2
+    if st[5] then
+      st[5] = nil
+      if names and names[field] then
+        args[n + 1], args[n + 2] = 'k:' .. string.sub(field, 3), names[field]
+        n = n + 2
       end
     end
   end
-  dirty, dirty_order = {}, {}
-  if extra then
-    for _, v in ipairs(extra) do args[#args + 1] = v end
+  if f1 then
+    args[n + 1], args[n + 2] = f1, v1
+    n = n + 2
   end
-  if #args > 0 then redis.call('HSET', state_key, unpack(args)) end
+  if f2 then
+    args[n + 1], args[n + 2] = f2, v2
+    n = n + 2
+  end
+  if n > 0 then redis.call('HSET', state_key, unpack(args, 1, n)) end
 end
 
 local CHARGE_FIELDS = 14
 
-local function encode_lease(nonce, meta, held)
-  local v, n = {nonce, meta}, 2
-  for _, h in ipairs(held) do
-    local bs, ls = h.bs, h.ls
-    v[n + 1], v[n + 2], v[n + 3], v[n + 4], v[n + 5] = h.b, bs.cap, bs.rate, bs.ps or false, bs.pe or false
-    v[n + 6], v[n + 7], v[n + 8] = h.took, h.lent, h.p or false
-    if ls ~= nil then
-      v[n + 9], v[n + 10], v[n + 11], v[n + 12], v[n + 13] = h.l, ls.cap, ls.rate, ls.ps or false, ls.pe or false
-      v[n + 14] = h.lp or false
-    else
-      v[n + 9], v[n + 10], v[n + 11], v[n + 12], v[n + 13], v[n + 14] = false, false, false, false, false, false
-    end
-    n = n + CHARGE_FIELDS
-  end
-  return cmsgpack.pack(unpack(v, 1, n))
-end
-
-local function decode_lease(raw)
-  local v = {cmsgpack.unpack(raw)}
-  local held = {}
+-- One HMGET for every bucket a lease (flat values) touches that is not loaded yet.
+local function prefetch(v, want, seen)
   for o = 2, #v - 1, CHARGE_FIELDS do
-    local h = {
-      b = v[o + 1], bs = {cap = v[o + 2], rate = v[o + 3], ps = v[o + 4] or nil, pe = v[o + 5] or nil},
-      took = v[o + 6], lent = v[o + 7], p = v[o + 8] or nil,
-    }
-    if v[o + 9] then
-      h.l, h.lp = v[o + 9], v[o + 14] or nil
-      h.ls = {cap = v[o + 10], rate = v[o + 11], ps = v[o + 12] or nil, pe = v[o + 13] or nil}
+    local b, l = v[o + 1], v[o + 9]
+    if loaded[b] == nil and not seen[b] then
+      seen[b] = true
+      want[#want + 1] = b
     end
-    held[#held + 1] = h
+    if l and loaded[l] == nil and not seen[l] then
+      seen[l] = true
+      want[#want + 1] = l
+    end
   end
-  return {nonce = v[1], meta = v[2], held = held}
+  return want
 end
 
--- Every bucket field a list of helds touches (to prefetch them in one HMGET).
-local function held_fields(held, out)
-  for _, h in ipairs(held) do
-    out[#out + 1] = h.b
-    if h.l ~= nil then out[#out + 1] = h.l end
-  end
-  return out
+local function load_fields(want)
+  if #want == 0 then return end
+  local got = redis.call('HMGET', state_key, unpack(want))
+  for i, f in ipairs(want) do loaded[f] = decode_state(got[i]) end
 end
 
--- base.apply_settle; actuals == nil charges the reserved amounts (expiry).
-local function settle_held(get, held, actuals)
+-- base.apply_settle on a lease's flat values; actuals == nil charges the reserved
+-- amounts (expiry), else actuals[first + i - 1] is charge i's amount. Returns the finals.
+local function settle_lease(v, actuals, first)
   local finals = {}
-  for i, h in ipairs(held) do
-    local total = h.took + h.lent
+  local i = 0
+  for o = 2, #v - 1, CHARGE_FIELDS do
+    i = i + 1
+    local cap, took, lent, lf = v[o + 2], v[o + 6], v[o + 7], v[o + 9]
+    local total = took + lent
     local final = total
-    if actuals ~= nil then final = actuals[i] end
+    if actuals ~= nil then final = actuals[first + i - 1] end
     local delta = final - total
-    local st = get(h.b, h.bs)
-    local lent_final = h.lent
+    local st = touch(v[o + 1], cap, v[o + 3], v[o + 4], v[o + 5])
+    mark(v[o + 1])
+    local lent_final = lent
     if delta < 0 then
       local refund = -delta
-      local back = math.min(refund, h.lent)
-      lent_final = h.lent - back
-      if h.l ~= nil and back ~= 0 then
-        local lst = get(h.l, h.ls)
-        if same(lst.p, h.lp) then
-          lst.l = math.min(h.ls.cap, lst.l + back)
+      local back = mmin(refund, lent)
+      lent_final = lent - back
+      if lf and back ~= 0 then
+        local lst = touch(lf, v[o + 10], v[o + 11], v[o + 12], v[o + 13])
+        mark(lf)
+        if lst[3] == v[o + 14] then
+          lst[1] = mmin(v[o + 10], lst[1] + back)
         end
       end
       local rest = refund - back
-      if rest ~= 0 and same(st.p, h.p) then
-        st.l = math.min(h.bs.cap, st.l + rest)
+      if rest ~= 0 and st[3] == v[o + 8] then
+        st[1] = mmin(cap, st[1] + rest)
       end
     elseif delta > 0 then
-      st.l = st.l - delta
+      st[1] = st[1] - delta
     end
-    st.s = st.s + (final - lent_final)
-    if h.l ~= nil and lent_final ~= 0 then
-      local lst = get(h.l, h.ls)
-      lst.s = lst.s + lent_final
+    st[4] = st[4] + (final - lent_final)
+    if lf and lent_final ~= 0 then
+      local lst = touch(lf, v[o + 10], v[o + 11], v[o + 12], v[o + 13])
+      mark(lf)
+      lst[4] = lst[4] + lent_final
     end
     finals[i] = final
   end
   return finals
 end
 
-local function join(values)
-  local parts = {}
-  for i, v in ipairs(values) do parts[i] = fmt(v) end
-  return table.concat(parts, ',')
-end
-
--- The earliest lease expiry, or nil when no lease is open.
-local function earliest_expiry()
-  local first = redis.call('ZRANGE', expiry_key, 0, 0, 'WITHSCORES')
-  return first[2] and tonumber(first[2]) or nil
-end
-
 -- Settle every lease due by now at its reserved amount (at most `limit` per call: a crash
 -- of many workers is swept over several calls). The buckets are kept for the next flush().
 -- Returns {id, meta, amounts, ...}, the set of swept ids and the new earliest expiry.
 local function sweep(limit)
+  local function join(values)
+    local parts = {}
+    for i, x in ipairs(values) do parts[i] = fmt(x) end
+    return table.concat(parts, ',')
+  end
   local ids = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now, 'LIMIT', 0, limit)
   local out, swept = {}, {}
   if #ids > 0 then
     local fields = {}
     for i, id in ipairs(ids) do fields[i] = 'r:' .. id end
     local raws = redis.call('HMGET', state_key, unpack(fields))
-    local leases, buckets = {}, {}
+    local leases, want, seen = {}, {}, {}
     for i, raw in ipairs(raws) do
       if raw then
-        leases[i] = decode_lease(raw)
-        held_fields(leases[i].held, buckets)
+        leases[i] = {cmsgpack.unpack(raw)}
+        prefetch(leases[i], want, seen)
       end
     end
-    prefetch(buckets)
-    local get, keep = new_phase()
+    load_fields(want)
     for i, id in ipairs(ids) do
       swept[id] = true
       local lease = leases[i]
       if lease then
-        local finals = settle_held(get, lease.held, nil)
+        local finals = settle_lease(lease, nil, 1)
         out[#out + 1] = id
-        out[#out + 1] = lease.meta
+        out[#out + 1] = lease[2]
         out[#out + 1] = join(finals)
       end
     end
-    keep()
     redis.call('HDEL', state_key, unpack(fields))
     redis.call('ZREM', expiry_key, unpack(ids))
   end
-  return out, swept, earliest_expiry()
+  local first = redis.call('ZRANGE', expiry_key, 0, 0, 'WITHSCORES')  -- the new earliest expiry
+  return out, swept, first[2] and tonumber(first[2]) or nil
 end
 
 local SWEEP_LIMIT = 500

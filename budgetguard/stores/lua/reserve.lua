@@ -11,112 +11,128 @@
 -- Calls in the common case: TIME, one HMGET (sweep bound, lease, buckets), one HSET
 -- (buckets, lease, bound), one ZADD.
 now = server_now()
-local request = {cmsgpack.unpack(ARGV[1])}
-local id, nonce, meta = request[1], request[2], request[4]
-local expires_at = now + request[3]
+local r = {cmsgpack.unpack(ARGV[1])}
+local id = r[1]
+local nspec = r[5]
 local lease_field = 'r:' .. id
 
-local specs, fields, o = {}, {'next', lease_field}, 5
-for j = 1, request[5] do
-  local field = 'b:' .. request[o + 1]
-  specs[j] = {key = field, cap = request[o + 3], rate = request[o + 4], ps = request[o + 5] or nil, pe = request[o + 6] or nil}
-  names[field] = request[o + 2]
-  fields[j + 2] = field
-  o = o + 6
-end
-local charges = {}
-for i = 1, (#request - o) / 3 do
-  local lj = request[o + 3]
-  charges[i] = {bs = specs[request[o + 1]], amount = request[o + 2], ls = lj > 0 and specs[lj] or nil}
-  o = o + 3
-end
+-- Spec j: r[s + 1] hex .. r[s + 6] period_end with s = 6 * j - 1; its field is fields[j + 2].
+local fields = {'next', lease_field}
+for j = 1, nspec do fields[j + 2] = 'b:' .. r[6 * j] end
 
 local v = redis.call('HMGET', state_key, unpack(fields))
-for j = 3, #fields do
-  if loaded[fields[j]] == nil then loaded[fields[j]] = decode_state(v[j]) end
+local names = nil  -- field -> readable key of each bucket not stored yet
+for j = 1, nspec do
+  local f, raw = fields[j + 2], v[j + 2]
+  if raw then
+    loaded[f] = decode_state(raw)
+  else
+    loaded[f] = false
+    names = names or {}
+    names[f] = r[6 * j + 1]
+  end
 end
 local stored_next = tonumber(v[1])
 local next_expiry, open = stored_next, v[2]
 
 -- MemoryStore sweeps only once the earliest expiry has passed; so do we.
-local expired = {}
+local expired = nil
 if next_expiry == nil or now >= next_expiry then
   local swept
   expired, swept, next_expiry = sweep(SWEEP_LIMIT)
   if swept[id] then open = false end  -- an expired lease with this id was just settled
+  if #expired == 0 then expired = nil end
 end
 
-local function reply(head)
-  if #expired == 0 and head[1] ~= 0 then return head[1] end  -- the common case: one integer
-  for _, x in ipairs(expired) do head[#head + 1] = x end
-  return head
-end
-
--- Writes what the sweep changed (and its new bound) when this request changes nothing.
-local function flush_sweep()
+-- Ends a request that changes nothing: writes what the sweep changed (and its new bound);
+-- the reply is the status alone, or {status, index, available, retry_after, expired...}.
+local function finish(status, index, avail, wait)
   if next_expiry ~= nil and next_expiry ~= stored_next then
-    flush({'next', next_expiry})
+    flush(nil, 'next', next_expiry)
   else
     flush(nil)
   end
+  if not expired and status ~= 0 then return status end
+  local out = {status, index, avail, wait}
+  for _, x in ipairs(expired or {}) do out[#out + 1] = x end
+  return out
 end
 
 if open then
-  flush_sweep()
-  if decode_lease(open).nonce == nonce then return reply({3, 0, '', ''}) end
-  return reply({2, 0, '', ''})
+  if cmsgpack.unpack(open) == r[2] then return finish(3, 0, '', '') end  -- the lease's nonce
+  return finish(2, 0, '', '')
 end
 
--- base.apply_reserve
-local get, keep = new_phase()
-local planned, held = {}, {}
-for i, c in ipairs(charges) do
-  local bkey = c.bs.key
-  local st = get(bkey, c.bs)
-  local avail = math.max(st.l - (planned[bkey] or 0), 0)
-  local took, lent = c.amount, 0
+-- base.apply_reserve. Charge i: spec index r[c + 1], amount r[c + 2], lender index r[c + 3]
+-- with c = 6 * nspec + 2 + 3 * i; planned[field] is what this request took so far.
+local planned = {}
+local lease, n = {r[2], r[4]}, 2
+local c = 6 * nspec + 2
+for i = 1, (#r - 5 - 6 * nspec) / 3 do
+  c = c + 3
+  local j, amount, lj = r[c + 1], r[c + 2], r[c + 3]
+  local s = 6 * j - 1
+  local cap, rate, ps, pe = r[s + 3], r[s + 4], r[s + 5], r[s + 6]
+  local bf = fields[j + 2]
+  local st = touch(bf, cap, rate, ps, pe)
+  local avail = math.max(st[1] - (planned[bf] or 0), 0)
+  local took, lent = amount, 0
   local lst = nil
-  if avail < c.amount then
-    local short = c.amount - avail
+  if avail < amount then
+    local short = amount - avail
     local lavail = 0
-    if c.ls ~= nil then
-      lst = get(c.ls.key, c.ls)
-      lavail = math.max(lst.l - (planned[c.ls.key] or 0), 0)
+    if lj > 0 then
+      lst = touch(fields[lj + 2], r[6 * lj + 2], r[6 * lj + 3], r[6 * lj + 4], r[6 * lj + 5])
+      lavail = math.max(lst[1] - (planned[fields[lj + 2]] or 0), 0)
     end
     if lavail < short then
-      local wait = retry_after(st, c.bs, c.amount, now)
-      if c.ls ~= nil and lst ~= nil then
-        local lwait = retry_after(lst, c.ls, short, now)
+      local wait = retry_after(st, cap, rate, pe, amount, now)
+      if lst ~= nil then
+        local lwait = retry_after(lst, r[6 * lj + 2], r[6 * lj + 3], r[6 * lj + 5], short, now)
         if wait == nil or (lwait ~= nil and lwait < wait) then wait = lwait end
       end
-      flush_sweep()  -- the sweep's changes stay; this request changes nothing
-      return reply({0, i - 1, fmt(avail + lavail), wait and fmt(wait) or ''})
+      return finish(0, i - 1, fmt(avail + lavail), wait and fmt(wait) or '')  -- the sweep's changes stay
     end
     took, lent = avail, short
   end
-  planned[bkey] = (planned[bkey] or 0) + took
-  local h = {b = bkey, bs = c.bs, took = took, lent = lent, p = st.p}
+  planned[bf] = (planned[bf] or 0) + took
+  lease[n + 1], lease[n + 2], lease[n + 3], lease[n + 4], lease[n + 5] = bf, cap, rate, ps, pe
+  lease[n + 6], lease[n + 7], lease[n + 8] = took, lent, st[3]
   if lent ~= 0 then
-    planned[c.ls.key] = (planned[c.ls.key] or 0) + lent
-    h.l, h.ls, h.lp = c.ls.key, c.ls, lst.p
+    local lf = fields[lj + 2]
+    planned[lf] = (planned[lf] or 0) + lent
+    lease[n + 9], lease[n + 10], lease[n + 11] = lf, r[6 * lj + 2], r[6 * lj + 3]
+    lease[n + 12], lease[n + 13], lease[n + 14] = r[6 * lj + 4], r[6 * lj + 5], lst[3]
+  else
+    lease[n + 9], lease[n + 10], lease[n + 11], lease[n + 12], lease[n + 13], lease[n + 14] =
+      false, false, false, false, false, false
   end
-  held[i] = h
+  n = n + CHARGE_FIELDS
 end
 
-for _, h in ipairs(held) do
-  local st = get(h.b, h.bs)
-  st.l = st.l - h.took
-  if h.l ~= nil then
-    local lst = get(h.l, h.ls)
-    lst.l = lst.l - h.lent
+-- Take each charge (its bucket, then its lender) in order, as base.apply_reserve does; the
+-- buckets written are those it touched: every charge's, and a lender when it lent.
+for o = 2, n - 1, CHARGE_FIELDS do
+  local bf, lf = lease[o + 1], lease[o + 9]
+  local st = loaded[bf]
+  st[1] = st[1] - lease[o + 6]
+  mark(bf)
+  if lf then
+    local lst = loaded[lf]
+    lst[1] = lst[1] - lease[o + 7]
+    mark(lf)
   end
 end
-keep()
-local extra = {lease_field, encode_lease(nonce, meta, held)}
+local expires_at = now + r[3]
+local lease_value = pack(unpack(lease, 1, n))
 if next_expiry == nil or expires_at < next_expiry then next_expiry = expires_at end
 if next_expiry ~= stored_next then
-  extra[3], extra[4] = 'next', next_expiry
+  flush(names, lease_field, lease_value, 'next', next_expiry)
+else
+  flush(names, lease_field, lease_value)
 end
-flush(extra)
 redis.call('ZADD', expiry_key, expires_at, id)
-return reply({1, 0, '', ''})
+if not expired then return 1 end
+local out = {1, 0, '', ''}
+for _, x in ipairs(expired) do out[#out + 1] = x end
+return out

@@ -2,24 +2,27 @@
 -- KEYS: state hash, expiry zset.
 -- ARGV[1]: MessagePack values: the id, then the actual amounts, or false to charge the
 --   reserved amounts.
--- Calls: TIME, HGET (lease), HMGET (its buckets), HSET (buckets), HDEL (lease), ZREM.
+-- Calls: TIME, HGET (lease), HMGET or HGET (its buckets), HSET (buckets), HDEL (lease), ZREM.
 now = server_now()
-local actuals = {cmsgpack.unpack(ARGV[1])}
-local id = table.remove(actuals, 1)
-if actuals[1] == false then actuals = nil end
+local a = {cmsgpack.unpack(ARGV[1])}
+local id = a[1]
 local lease_field = 'r:' .. id
 local raw = redis.call('HGET', state_key, lease_field)
 if not raw then return 0 end
-local lease = decode_lease(raw)
-if actuals ~= nil then
-  if #actuals < #lease.held then
-    return redis.error_reply('budgetguard: ' .. #actuals .. ' actual amounts for ' .. #lease.held .. ' charges')
+local lease = {cmsgpack.unpack(raw)}
+local actuals = a
+if a[2] == false then
+  actuals = nil
+else
+  local charges = (#lease - 2) / CHARGE_FIELDS
+  if #a - 1 < charges then
+    return redis.error_reply('budgetguard: ' .. (#a - 1) .. ' actual amounts for ' .. charges .. ' charges')
   end
 end
-prefetch(held_fields(lease.held, {}))
-local get, keep = new_phase()
-settle_held(get, lease.held, actuals)
-keep()
+if #lease > 2 + CHARGE_FIELDS or lease[11] then  -- else touch() reads the one bucket with HGET
+  load_fields(prefetch(lease, {}, {}))
+end
+settle_lease(lease, actuals, 2)
 flush(nil)
 redis.call('HDEL', state_key, lease_field)
 redis.call('ZREM', expiry_key, id)

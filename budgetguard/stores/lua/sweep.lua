@@ -2,5 +2,5 @@
 -- KEYS: state hash, expiry zset.  Reply: {id, meta, amounts, ...}.
 now = server_now()
 local expired, _, next_expiry = sweep(SWEEP_LIMIT)
-flush(next_expiry and {'next', next_expiry} or nil)
+flush(nil, next_expiry and 'next', next_expiry)
 return expired
