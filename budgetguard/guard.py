@@ -232,9 +232,8 @@ class BudgetGuard:
         est = call.estimate
         tokens = float(est.input_tokens + est.output_tokens)
         usd = self.price(call.model, est.input_tokens, est.output_tokens) if self._uses_usd else 0.0
-        return tuple(
-            Line(b, call.scopes.get(b.name, {}), usd if b.unit == "usd" else tokens) for b in self._charged
-        )
+        scopes = call.scopes
+        return tuple([Line(b, scopes.get(b.name, {}), usd if b.unit == "usd" else tokens) for b in self._charged])
 
     def specs_for(self, lines: Sequence[Line]) -> tuple[BucketSpec, ...]:
         """The bucket of each line, and its lender's right after it when it borrows."""
@@ -298,14 +297,14 @@ class BudgetGuard:
             rewrite: Whether policies may change the request (smaller cap, other model,
                 shorter prompt). Only the guard's model wrapper can; callbacks cannot.
         """
-        policies = [p for p in self.policies if rewrite or not p.rewrites]
+        policies = [p for p in self.policies if rewrite or not p.rewrites] if self.policies else ()
         tried: list[str] = []
         next_policy = 0
         while True:
             error: BudgetExceeded | None = self.window_error(call)
             if error is None:
                 lines = self.lines_for(call)
-                ticket = Ticket(call, lines, self.clock.now(), owner, tried=tuple(tried))
+                ticket = Ticket(call, lines, self.clock.now(), owner, tried=tuple(tried) if tried else ())
                 try:
                     result = yield Reserve(self._request(ticket))
                 except StoreUnavailable as exc:

@@ -42,7 +42,7 @@ _CONTAINER_KEYS = ("token_usage", "usage")
 _COUNT_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Usage:
     """Tokens a call used, as the provider reported them.
 
@@ -85,6 +85,8 @@ class Usage:
 
 def _int(value: Any, where: str) -> int:
     """A reported count: ints, whole floats and digit strings; None counts as 0."""
+    if type(value) is int and value >= 0:  # the common case, first
+        return value
     if value is None:
         return 0
     number: float | None = None
@@ -102,7 +104,7 @@ def _int(value: Any, where: str) -> int:
 
 def _details(details: Any, suffix: str, where: str) -> int:
     """Sum the detail counts whose key ends with ``suffix`` ("flex_cache_read" and "cache_read" alike)."""
-    if not isinstance(details, Mapping):
+    if not details or not isinstance(details, Mapping):
         return 0
     return sum(_int(v, f"{where}[{k!r}]") for k, v in details.items() if str(k).endswith(suffix))
 
