@@ -21,7 +21,11 @@ median over all calls of all rounds:
    Target: <= 1.15x ``base``.
 4. ``guard-cb``: 3 with ``meter_in_place=False``: metered by the callback meters.
 5. ``guard+user``: 3 plus a per-user budget (``per="user_id"``, ``configurable.user_id``).
-6. ``abase`` / ``aguard`` / ``aguard-cb``: ``ainvoke`` of 1, 3 and 4 on one event loop.
+6. ``floor``: a reference for the least a pre-call guard must do, with none of budgetguard: the
+   chain's model is a subclass whose ``invoke`` counts the newest message with tiktoken (the
+   text no cache can know), takes the count plus the output cap from a counter under a lock,
+   calls the model, and gives back the difference from ``usage_metadata``.
+7. ``abase`` / ``aguard`` / ``aguard-cb``: ``ainvoke`` of 1, 3 and 4 on one event loop.
 
 Then (unless ``--no-profile``) case 3 is profiled twice: (a) budgetguard's entry points and
 inner steps are wrapped with timers (inclusive microseconds per call), (b) pyinstrument (if
@@ -37,6 +41,7 @@ import logging
 import platform
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -96,6 +101,24 @@ def make_guard(*extra: Budget, in_place: bool = True) -> BudgetGuard:
     return guard
 
 
+class FloorModel(UsageFakeChatModel):
+    """The ``floor`` case: count the fresh text, reserve and settle a counter, nothing else."""
+
+    def invoke(self, input: Any, config: Any = None, *, stop: Any = None, **kwargs: Any) -> Any:
+        lock, level, enc = _FLOOR["lock"], _FLOOR["level"], _FLOOR["encoding"]
+        held = len(enc.encode_ordinary(input.messages[-1].content)) + _FLOOR["fixed"]
+        with lock:
+            level[0] -= held
+        message = super().invoke(input, config, stop=stop, **kwargs)
+        usage = message.usage_metadata
+        with lock:
+            level[0] += held - usage["input_tokens"] - usage["output_tokens"]
+        return message
+
+
+_FLOOR: dict[str, Any] = {}
+
+
 def build() -> dict[str, Any]:
     prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("human", "{question}")])
     model = UsageFakeChatModel(max_tokens=64, replies=REPLIES)
@@ -109,12 +132,18 @@ def build() -> dict[str, Any]:
     guarded_cb = guard_cb | chain
     assert guarded.in_place and not guarded_cb.in_place
     guarded_u = guard_u | chain
+    floor_model = FloorModel(max_tokens=64, replies=REPLIES)
+    name = floor_model.model_name
+    _FLOOR.update(lock=threading.Lock(), level=[1e12], encoding=guard.estimator.encoding_for(name).encoding,
+                  fixed=guard.estimator.count_text(SYSTEM, name) + 64)
+    floor = prompt | floor_model
     sync_cases: dict[str, Callable[[Any], Any]] = {
         "base": chain.invoke,
         "noop-cb": lambda x: chain.invoke(x, noop_cfg),
         "guard": guarded.invoke,
         "guard-cb": guarded_cb.invoke,
         "guard+user": lambda x: guarded_u.invoke(x, user_cfg),
+        "floor": floor.invoke,
     }
     async_cases: dict[str, Callable[[Any], Any]] = {
         "abase": chain.ainvoke,
@@ -227,6 +256,8 @@ def report(env: dict[str, Any], samples: dict[str, list[int]]) -> dict[str, floa
     log(f"guard-cb over base:  +{med['guard-cb'] - med['base']:.1f} us/call (callback meters)")
     log(f"aguard over abase:   +{med['aguard'] - med['abase']:.1f} us/call")
     log(f"guard+user over guard: +{med['guard+user'] - med['guard']:.1f} us/call")
+    log(f"floor over base:     +{med['floor'] - med['base']:.1f} us/call (paired {paired['floor']:.3f}x): "
+        "tiktoken on the new text plus a locked counter, the least a pre-call guard does")
     return med
 
 
