@@ -34,10 +34,10 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import tiktoken
-from cachetools import LRUCache
 from langchain_core.messages import BaseMessage
 
 from budgetguard.errors import ConfigurationError, EstimationError
@@ -296,9 +296,26 @@ def _tiles(width: int, height: int) -> int:
 _PLAIN_KINDS = frozenset(("system", "human", "ai"))
 
 
-def _plain_key(encoding: str, messages: Sequence[Any]) -> tuple[Any, ...] | None:
-    """A cache key for a conversation of plain-text messages, or ``None`` if it has more."""
-    key: list[Any] = [encoding]
+class _PlainMessage:
+    """What :meth:`TokenEstimator._raw_messages` reads of a plain-text message."""
+
+    __slots__ = ("content", "type")
+    name = None
+    tool_calls = invalid_tool_calls = ()
+    additional_kwargs: Mapping[str, Any] = MappingProxyType({})
+
+    def __init__(self, kind: str, content: str) -> None:
+        self.type = kind
+        self.content = content
+
+
+def _plain_key(model: str | None, messages: Sequence[Any]) -> tuple[Any, ...] | None:
+    """A cache key for a conversation of plain-text messages, or ``None`` if it has more.
+
+    The key holds everything such a conversation is counted from: the model, then each
+    message's type and text.
+    """
+    key: list[Any] = [model]
     for msg in messages:
         # Field values straight from the pydantic model's __dict__: this runs on every call.
         fields = getattr(msg, "__dict__", None)
@@ -370,10 +387,9 @@ class TokenEstimator:
         self._cached_count = functools.lru_cache(maxsize=int(cache_size))(_token_count) if cache_size else None
         self._seen: set[int] = set()  # hashes of texts seen once: only a second sighting is cached
         self._seen_limit = 4 * max(int(cache_size), 1)
-        self._lock = threading.Lock()
         # Whole conversations of plain text (a fixed system prompt and few-shot examples
         # around a short question repeat call after call): one lookup instead of one per message.
-        self._calls: LRUCache[tuple[Any, ...], int] | None = LRUCache(1024) if cache_size else None
+        self._conversations = functools.lru_cache(maxsize=1024)(self._conversation_tokens) if cache_size else None
         self._choices: dict[str | None, EncodingChoice] = {}
         self._overheads: dict[tuple[str, str], int] = {}  # (encoding, message type) -> 3 + role tokens
 
@@ -470,17 +486,17 @@ class TokenEstimator:
                 unknown part types) or items that are not messages.
         """
         choice = self.encoding_for(model)
-        calls = self._calls
-        key = None if tools or calls is None else _plain_key(choice.name, messages)
+        conversations = self._conversations
+        key = None if tools or conversations is None else _plain_key(model, messages)
         if key is not None:
-            with self._lock:
-                raw = calls.get(key)  # type: ignore[union-attr]
-            if raw is None:
-                raw = self._raw_messages(choice, messages, model, tools)
-                with self._lock:
-                    calls[key] = raw  # type: ignore[index]
-            return _with_margin(raw, choice.margin)
+            return _with_margin(conversations(key), choice.margin)  # type: ignore[misc]
         return _with_margin(self._raw_messages(choice, messages, model, tools), choice.margin)
+
+    def _conversation_tokens(self, key: tuple[Any, ...]) -> int:
+        """Raw tokens of the plain-text conversation ``key`` (see :func:`_plain_key`)."""
+        model = key[0]
+        messages = [_PlainMessage(key[i], key[i + 1]) for i in range(1, len(key), 2)]
+        return self._raw_messages(self.encoding_for(model), messages, model, None)  # type: ignore[arg-type]
 
     def _raw_messages(self, choice: EncodingChoice, messages: Sequence[BaseMessage], model: str | None,
                       tools: Sequence[Mapping[str, Any]] | None) -> int:

@@ -26,12 +26,15 @@ import math
 import numbers
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from types import MappingProxyType
 from typing import Any
+
+from cachetools import LRUCache
 
 from budgetguard.errors import ConfigurationError, UnknownModelError, UsageError
 
@@ -44,6 +47,7 @@ _SUFFIX = re.compile(r"(?:@.*|-v\d+(?::\d+)?|-(?:latest|preview|exp)|-\d{4}-\d{2
 _DOTTED_PROVIDER = re.compile(r"^(?:[a-z]{2}\.)?(?:anthropic|meta|amazon|cohere|mistral|ai21|openai)\.")
 _PREFIX_BOUNDARY = frozenset("-:@_")  # "gpt-4" may prefix "gpt-4-32k", never "gpt-4o" or "gpt-4.5"
 _MEMO_LIMIT = 4096
+_UNSEEN = object()
 _INFO_FIELDS = ("input_cost_per_token", "output_cost_per_token", "cached_input_cost_per_token",
                 "context_window", "max_output_tokens")
 # Override keys: ModelInfo's own, LiteLLM's, and per-1M conveniences -> (field, divisor).
@@ -202,7 +206,10 @@ class PriceTable:
                 raise ConfigurationError(msg)
         self._default = default
         self._lower = {name.lower(): info for name, info in self._models.items()}
-        self._memo: dict[str, ModelInfo | None] = {}
+        # Names resolved by the forgiving lookup (dated, prefixed): an LRU, so a process that
+        # sees many model names keeps the recent ones instead of starting over.
+        self._memo: LRUCache[str, ModelInfo | None] = LRUCache(_MEMO_LIMIT)
+        self._memo_lock = threading.Lock()  # cachetools caches are not thread-safe
 
     @classmethod
     def bundled(cls) -> PriceTable:
@@ -299,13 +306,13 @@ class PriceTable:
         """
         if model in self._models:
             return self._models[model]
-        if model in self._memo:
-            return self._memo[model]
-        found = self._lookup(model)
-        if len(self._memo) >= _MEMO_LIMIT:
-            self._memo.clear()
-        self._memo[model] = found
-        return found
+        with self._memo_lock:
+            found = self._memo.get(model, _UNSEEN)
+        if found is _UNSEEN:
+            found = self._lookup(model)
+            with self._memo_lock:
+                self._memo[model] = found
+        return found  # type: ignore[return-value]
 
     def _lookup(self, model: str) -> ModelInfo | None:
         name = model.strip().lower()

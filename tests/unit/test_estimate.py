@@ -567,3 +567,26 @@ def test_cache_is_consistent_across_threads() -> None:
         t.join()
     assert not failures
     assert est._cached_count.cache_info().currsize <= 16
+
+
+def test_plain_conversations_are_counted_once_and_the_same_as_uncached() -> None:
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+    est, uncached = TokenEstimator(), TokenEstimator(cache_size=0)
+    info = est._conversations.cache_info
+
+    def convo(question: str) -> list[Any]:  # new message objects and new strings every time
+        return [SystemMessage("".join([SYSTEM_PROMPT])), HumanMessage("Hi there"), AIMessage("Hello! How can I help?"),
+                HumanMessage(question)]
+
+    for model in ("gpt-4", "gpt-4o", "claude-sonnet-4", None):
+        want = uncached.count_messages(convo("Where is my order?"), model)
+        assert est.count_messages(convo("Where is my order?"), model) == want
+        assert est.count_messages(convo("Where is my order?"), model) == want  # served from the cache
+    assert (info().hits, info().currsize) == (4, 4)
+    assert est.count_messages(convo("Where is order 7?"), "gpt-4") == uncached.count_messages(
+        convo("Where is order 7?"), "gpt-4"
+    )
+    named = [*convo("x"), HumanMessage("y", name="bob")]  # names, tool calls: never the conversation cache
+    assert est.count_messages(named, "gpt-4") == uncached.count_messages(named, "gpt-4")
+    assert info().currsize == 5
