@@ -436,3 +436,91 @@ def test_one_bucket_paths_write_what_the_general_paths_write(tmp_path: Path, see
     finally:
         lean.close()
         general.close()
+
+
+def transactions(log: list[str]) -> list[list[str]]:
+    """The statements a store ran (from a trace callback), one list per transaction."""
+    out: list[list[str]] = []
+    for sql in log:
+        if sql.startswith("BEGIN"):
+            out.append([])
+        elif out and not sql.startswith(("COMMIT", "ROLLBACK")):
+            out[-1].append(sql.split(" ", 3)[0] + " " + sql.split(" ", 3)[1])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sql_paths_compute_what_base_computes(tmp_path: Path, seed: int) -> None:
+    """The one-UPDATE reserve and settle are base.refresh / apply_reserve / apply_settle in SQL.
+
+    Random specs (refill from tiny to huge, calendar periods seen by lagging and leading
+    clocks), random stored buckets (full, empty, negative, above a lowered limit, written
+    in the future, in an older or a newer period), random amounts and actuals, and times
+    that cross period ends: after every reserve and settle both stores hold the same rows,
+    bit for bit, and most operations took the SQL paths.
+    """
+    rng = random.Random(seed)
+    clock = FakeClock(start=T0)
+    lean_path, general_path = tmp_path / "lean.db", tmp_path / "gen.db"
+    lean, general = SQLiteStore(lean_path, clock=clock), GeneralPathsOnly(general_path, clock=clock)
+    log: list[str] = []
+    lean._connection().set_trace_callback(log.append)
+    period = 3600.0
+    weird = [0.1 + 0.2, 1 / 3, 1e-300, 5e-324, 2.0**53 + 2, 1e15, 7.5, 100.0]
+    try:
+        for step in range(400):
+            now = clock.now()
+            start = T0 + period * ((now - T0) // period)
+            lag = rng.choice([0.0, 0.0, -period, period])
+            capacity = rng.choice(weird)
+            spec = BucketSpec(
+                f"k{rng.randrange(3)}",
+                capacity,
+                rng.choice([0.0, 0.0, 0.5, 1 / 3, 1e-9, 1e9]),
+                *((start + lag, start + lag + period) if rng.random() < 0.5 else (None, None)),
+            )
+            row = (
+                spec.key,
+                rng.choice([capacity, capacity, capacity * rng.random(), -capacity, capacity * 3, 0.0, -0.0]),
+                now + rng.choice([0.0, -0.1, -1 / 3, -1e4, 1e-6, 5.0]),
+                rng.choice([None, start, start - period, start + period]) if rng.random() < 0.4 else spec.period_start,
+                rng.choice([0.0, 12.5, 0.1 + 0.2]),
+            )
+            bound = rng.choice([now + 300, now + 300, now + 300, now + 300, now + 300, None, now])
+            for path in (lean_path, general_path):
+                with sqlite3.connect(path) as conn:
+                    conn.execute(
+                        "REPLACE INTO store (kind, key, level, updated_at, period_start, spent)"
+                        " VALUES (1, ?, ?, ?, ?, ?)",
+                        row,
+                    )
+                    conn.execute("UPDATE store SET expires_at = ? WHERE kind = 0", (bound,))
+            amount = rng.choice([1.0, 0.1, 1e-7, capacity, capacity / 3, capacity / 3, 0.0, 2 * capacity, 1e16, -1.0])
+            request = ReserveRequest(f"r{step}", (Charge(spec, amount),), rng.choice([600.0, 600.0, 600.0, 60.0]), "m")
+            got = lean.reserve(request)
+            assert got == general.reserve(request), step
+            assert stored_rows(lean_path) == stored_rows(general_path), step
+            clock.advance(rng.choice([0.0, 0.25, 1 / 3, 3.0, 1800.0, period]))
+            if got.ok and rng.random() < 0.3:  # meanwhile a process with a leading clock starts the next period
+                for path in (lean_path, general_path):
+                    with sqlite3.connect(path) as conn:
+                        conn.execute(
+                            "UPDATE store SET period_start = ?, level = ? WHERE kind = 1 AND key = ?",
+                            (start + period, capacity / 2, spec.key),
+                        )
+            if got.ok:
+                actuals = rng.choice([None, [0.0], [amount], [amount / 2], [amount * 2 + 1], [1e16], [-0.0], []])
+                if actuals == []:
+                    for store in (lean, general):
+                        with pytest.raises(ValueError, match="actual amounts"):
+                            store.settle(request.id, actuals)
+                    actuals = None  # nothing was changed: settle it for real
+                assert lean.settle(request.id, actuals) == general.settle(request.id, actuals), step
+                assert stored_rows(lean_path) == stored_rows(general_path), step
+    finally:
+        lean.close()
+        general.close()
+    kinds = transactions(log)
+    sql_reserves = sum(t == ["UPDATE store", "INSERT INTO"] for t in kinds)
+    sql_settles = sum(t == ["DELETE FROM", "UPDATE store"] for t in kinds)
+    assert sql_reserves > 80 and sql_settles > 150, (sql_reserves, sql_settles)
