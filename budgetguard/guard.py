@@ -109,6 +109,7 @@ class BudgetGuard:
         self.budgets: dict[str, Budget] = _validate_budgets(budgets)
         self._lenders = {b.borrow_from for b in self.budgets.values() if b.borrow_from}
         self._charged = tuple(b for b in self.budgets.values() if b.name not in self._lenders)
+        self._per_key = tuple(b for b in self.budgets.values() if b.per is not None)
         if isinstance(store, str):
             store = store_from_url(store, clock=self.clock)
         self.store: Store = store if store is not None else MemoryStore(clock=self.clock)
@@ -169,12 +170,12 @@ class BudgetGuard:
         return llm if isinstance(llm, GuardedChatModel) else GuardedChatModel(inner=llm, guard=self)
 
     def scopes_for(self, config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-        """Resolve every budget's scope from a run config.
+        """Resolve the scope of every per-key budget from a run config (global ones have none).
 
         Raises:
             MissingScopeError: A per-key budget has no value in the config.
         """
-        return {b.name: b.scope_for(config) for b in self.budgets.values()}
+        return {b.name: b.scope_for(config) for b in self._per_key}
 
     # -- queries -----------------------------------------------------------------------
 

@@ -590,3 +590,16 @@ def test_plain_conversations_are_counted_once_and_the_same_as_uncached() -> None
     named = [*convo("x"), HumanMessage("y", name="bob")]  # names, tool calls: never the conversation cache
     assert est.count_messages(named, "gpt-4") == uncached.count_messages(named, "gpt-4")
     assert info().currsize == 5
+
+
+def test_margins_round_up_like_the_decimal_rule_without_float_noise() -> None:
+    import random
+
+    from budgetguard.estimate import _with_margin
+
+    rng = random.Random(7)
+    cases = [(raw, m) for m in (0.1, 0.25, 0.05, 0.15, 0.33, 0.125, 1.0, 0.0) for raw in range(0, 3000)]
+    cases += [(rng.randint(0, 10**7), round(rng.random(), rng.randint(1, 6))) for _ in range(20_000)]
+    for raw, margin in cases:
+        assert _with_margin(raw, margin) == (math.ceil(round(raw * (1 + margin), 6)) if margin else raw), (raw, margin)
+    assert _with_margin(100, 0.1) == 110  # 100 * 1.1 == 110.00000000000001
