@@ -192,7 +192,7 @@ def usage_from_message(msg: BaseMessage) -> Usage | None:
         Usage(input_tokens=9, output_tokens=1, cached_input_tokens=0, reasoning_tokens=0)
     """
     meta = getattr(msg, "usage_metadata", None)
-    if isinstance(meta, Mapping):
+    if type(meta) is dict or isinstance(meta, Mapping):  # a dict, nearly always: skip the ABC check
         found = _from_standard(meta, "usage_metadata")
         if found is not None:
             return found
