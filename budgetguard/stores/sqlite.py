@@ -153,8 +153,7 @@ _RESERVE_ONE = (
     f"UPDATE store SET level = {_LEVEL} - ?5, {_REFRESHED}"
     f" WHERE kind = 1 AND key = ?6 AND {_LEVEL} >= ?5"
     " AND CASE WHEN ?4 IS NULL THEN period_start IS NULL ELSE period_start IS NULL OR period_start <= ?4 END"
-    " AND (SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry') > ?3"
-    " AND (SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry') <= ?7"
+    " AND (SELECT expires_at > ?3 AND expires_at <= ?7 FROM store WHERE kind = 0 AND key = 'next_expiry')"
 )
 # Settle: ?5 the refund (-delta, used when ?6 < 0), ?6 delta = final - reserved, ?7 final,
 # ?8 the period the lease was taken in, ?9 key. The refund is dropped if that period is over.
