@@ -169,7 +169,7 @@ def _replay(execute: Callable[..., sqlite3.Cursor], logs: list[Log], ops: int) -
     clock = time.perf_counter
     spent = [[0.0] * len(log) for log in logs]
     for _ in range(ops):
-        for log, acc in zip(logs, spent):
+        for log, acc in zip(logs, spent, strict=True):
             for k, (sql, params) in enumerate(log):
                 started = clock()
                 execute(sql, params).fetchall()
@@ -252,17 +252,24 @@ def sqlite_breakdown(rounds: int, ops: int, workdir: Path) -> None:
     raw_us = [median(lambda s, k=k: s[2][k]) for k in range(len(raw_log))]
     print(f"\nsqlite breakdown, us per operation (median of {rounds} rounds x {ops}; statements replayed bare)")
     print(f"  raw transaction: {sum(raw_us):.1f} us, {raw_pages:.2f} WAL pages per commit")
-    for (sql, _), us in zip(raw_log, raw_us):
+    for (sql, _), us in zip(raw_log, raw_us, strict=True):
         print(f"    {us:5.1f}  {sql}")
-    for n, (name, log) in enumerate(zip(("reserve", "settle"), logs)):
+    pair_store = pair_statements = 0.0
+    for n, (name, log) in enumerate(zip(("reserve", "settle"), logs, strict=True)):
         store_us = median(lambda s, n=n: s[0][n])
         each = [median(lambda s, n=n, k=k: s[1][n][k]) for k in range(len(log))]
+        pair_store += store_us
+        pair_statements += sum(each)
         print(
             f"  {name}: {store_us:.1f} us = {len(log)} statements {sum(each):.1f} + Python {store_us - sum(each):.1f}; "
             f"{pages[n]:.2f} WAL pages per commit"
         )
-        for (sql, _), us in zip(log, each):
+        for (sql, _), us in zip(log, each, strict=True):
             print(f"    {us:5.1f}  {sql[:110]}")
+    print(
+        f"  pair: {pair_store:.1f} us = statements {pair_statements:.1f} + Python {pair_store - pair_statements:.1f}; "
+        f"raw / pair {sum(raw_us) / pair_store:.2f}x, with no Python at all {sum(raw_us) / pair_statements:.2f}x"
+    )
     print("  (a COMMIT's time includes its share of WAL checkpoints, one per 1000 pages written)")
 
 
