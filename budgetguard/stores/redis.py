@@ -110,6 +110,63 @@ class _AsyncScript(_Script):
             return await self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
 
 
+class _Direct:
+    """The commands of a store-owned sync client, sent on one connection per thread.
+
+    redis-py's ``execute_command`` checks a connection out of the pool and back in for
+    every command (with a readiness probe, a retry wrapper and metrics around it): about
+    as much client time as the round trip itself on a slow network stack. A store built
+    from a URL is the only user of its client, and budgetguard retries itself (its client
+    has redis-py's retries off), so it keeps one connection per thread instead, made from
+    the pool's own connection class and arguments (host, TLS, timeouts, protocol). A
+    connection is dropped (and made again on next use) after any error other than an
+    error reply, so a reply left unread by a timeout never reaches a later command, and
+    after a fork (the child makes its own). ``close()`` closes them all.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        pool = client.connection_pool
+        self._make = functools.partial(pool.connection_class, **pool.connection_kwargs)
+        self._local = threading.local()
+        self._every: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def _connection(self) -> Any:
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            conn = self._make()
+            local.conn, local.pid = conn, os.getpid()
+            with self._lock:
+                self._every.add(conn)
+        return conn
+
+    def execute_command(self, *args: Any) -> Any:
+        """Send one command and read its reply (error replies raise, as redis-py's)."""
+        conn = self._connection()
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        except rexc.ResponseError:  # a whole reply was read: the connection stays usable
+            raise
+        except BaseException:
+            conn.disconnect()
+            self._local.conn = None
+            raise
+
+    def script_load(self, source: str) -> str:
+        """``SCRIPT LOAD``; the script's sha1."""
+        return _text(self.execute_command("SCRIPT", "LOAD", source))
+
+    def close(self) -> None:
+        """Close every thread's connection."""
+        with self._lock:
+            conns = list(self._every)
+            self._every = weakref.WeakSet()
+        for conn in conns:
+            conn.disconnect()
+
+
 @dataclass(frozen=True, slots=True)
 class _Scripts:
     """The scripts registered on one client (sync or async)."""
@@ -151,6 +208,7 @@ def _arg(value: float | None) -> float | str:
 # with one cmsgpack.unpack call (in C, about a third of what cjson takes for the same
 # request). Only what they need is written here: str, float64, small ints and false.
 _F64 = struct.Struct(">Bd").pack
+_CHARGE = struct.Struct(">BBdB").pack  # spec index (< 128), float64 amount, no lender
 _FALSE = b"\xc2"
 
 
@@ -255,6 +313,7 @@ class RedisStore:
         self._spec_cache: dict[BucketSpec, bytes] = {}
         self._lock = threading.Lock()
         self._scripts: _Scripts | None = None
+        self._direct: _Direct | None = None
         self._ascripts: _Scripts | None = None
         # Per event loop (URL mode): an asyncio client cannot cross loops.
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, _Scripts]] = (
@@ -283,7 +342,14 @@ class RedisStore:
     def _sync_scripts(self) -> _Scripts:
         scripts = self._scripts
         if scripts is None:
-            scripts = self._scripts = _register(self.client)
+            client = self.client
+            if self._url is not None:  # our own client: one connection per thread (see _Direct)
+                with self._lock:
+                    if self._direct is None:
+                        self._direct = _Direct(client)
+                    scripts = self._scripts = _register(self._direct)
+            else:
+                scripts = self._scripts = _register(client)
         return scripts
 
     def _async_scripts(self) -> tuple[redis.asyncio.Redis, _Scripts] | None:
@@ -396,22 +462,30 @@ class RedisStore:
         )
 
     def _charges_bytes(self, charges: Sequence[Charge]) -> bytes:
-        specs: list[bytes] = []
+        # Specs are numbered by their packed bytes (cached per spec, so equal specs give
+        # the same bytes object, whose hash Python keeps): one BucketSpec hash per spec.
+        index: dict[bytes, int] = {}
         flat: list[bytes] = []
-        index: dict[BucketSpec, int] = {}
+        spec_bytes = self._spec_bytes
         for charge in charges:
-            for spec in (charge.bucket, charge.lender):
-                if spec is None:
-                    flat.append(b"\x00")
-                    continue
-                j = index.get(spec)
-                if j is None:
-                    specs.append(self._spec_bytes(spec))
-                    j = index[spec] = len(specs)
-                flat.append(_mp_int(j))
-                if spec is charge.bucket:
-                    flat.append(_mp_float(charge.amount))
-        return b"".join((_mp_int(len(specs)), *specs, *flat))
+            packed = spec_bytes(charge.bucket)
+            j = index.get(packed)
+            if j is None:
+                j = index[packed] = len(index) + 1
+            lender = charge.lender
+            if lender is None and j < 0x80:
+                flat.append(_CHARGE(j, 0xCB, charge.amount, 0))
+                continue
+            flat.append(_mp_int(j) + _mp_float(charge.amount))
+            if lender is None:
+                flat.append(b"\x00")
+                continue
+            packed = spec_bytes(lender)
+            k = index.get(packed)
+            if k is None:
+                k = index[packed] = len(index) + 1
+            flat.append(_mp_int(k))
+        return b"".join((_mp_int(len(index)), *index, *flat))
 
     @staticmethod
     def _reserve_result(request: ReserveRequest, reply: Any) -> ReserveResult:
@@ -507,7 +581,10 @@ class RedisStore:
     def close(self) -> None:
         """Close the sync client if this store created it (async clients: :meth:`aclose`)."""
         if self._url is not None and self._client is not None:
-            client, self._client, self._scripts = self._client, None, None
+            client, direct = self._client, self._direct
+            self._client, self._scripts, self._direct = None, None, None
+            if direct is not None:
+                direct.close()
             client.close()
 
     async def areserve(self, request: ReserveRequest) -> ReserveResult:

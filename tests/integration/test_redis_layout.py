@@ -10,6 +10,7 @@ replays recognised, and no expired lease ever missed by the skipped probe.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,9 @@ from typing import Any
 import pytest
 import redis
 
+from budgetguard.errors import StoreUnavailable
 from budgetguard.stores import BucketSpec, Charge, ExpiredLease, ReserveRequest
+from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.redis import RedisStore
 
 pytestmark = pytest.mark.redis
@@ -133,3 +136,59 @@ def test_more_specs_than_a_msgpack_fixint(store: RedisStore) -> None:
     assert store.snapshot(specs[138]).level == 9.0
     assert store.settle("wide", [0.5] * len(charges))
     assert store.snapshot(specs[138]).spent == 0.5
+
+
+def test_a_url_store_keeps_one_connection_per_thread(redis_server: Any) -> None:
+    store = RedisStore(redis_server.url, namespace=f"conn-{uuid.uuid4().hex[:12]}")
+    spec = BucketSpec("threads", 1000.0)
+
+    def work(tag: str) -> None:
+        for i in range(20):
+            assert store.reserve(req(f"{tag}-{i}", Charge(spec, 1.0))).ok
+            assert store.settle(f"{tag}-{i}", [1.0])
+
+    threads = [threading.Thread(target=work, args=(f"t{k}",)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    work("main")
+    assert store.snapshot(spec).spent == 100.0
+    direct = store._direct
+    assert direct is not None
+    conns = list(direct._every)
+    assert 1 <= len(conns) <= 5  # the main thread's and the live threads' (ended threads' may be gone)
+    store.close()
+    assert all(not c.is_connected for c in conns)
+    assert store.snapshot(spec).spent == 100.0  # a closed store reconnects on next use
+    store.close()
+
+
+def test_a_reply_left_unread_by_a_timeout_never_answers_a_later_call(redis_server: Any, raw: redis.Redis) -> None:
+    store = RedisStore(
+        redis_server.url,
+        namespace=f"timeout-{uuid.uuid4().hex[:12]}",
+        socket_timeout=0.2,
+        retry=RetryPolicy(attempts=1),
+    )
+    try:
+        assert store.snapshot(BucketSpec("a", 10.0)).level == 10.0  # connected
+        raw.execute_command("CLIENT", "PAUSE", 600, "ALL")
+        with pytest.raises(StoreUnavailable):
+            store.snapshot(BucketSpec("a", 10.0))  # its reply comes once the pause ends
+        time.sleep(0.6)
+        assert store.snapshot(BucketSpec("b", 20.0)).level == 20.0  # its own reply, not a's
+        assert store.reserve(req("after-pause", Charge(BucketSpec("b", 20.0), 5.0))).ok
+        assert store.settle("after-pause", [5.0])
+    finally:
+        raw.execute_command("CLIENT", "UNPAUSE")
+        store.close()
+
+
+def test_a_url_store_recovers_its_scripts_after_a_script_flush(store: RedisStore, raw: redis.Redis) -> None:
+    spec = BucketSpec("flushed", 10.0)
+    assert store.reserve(req("f1", Charge(spec, 1.0))).ok
+    raw.script_flush()  # as after a restart: NOSCRIPT, then SCRIPT LOAD on our connection
+    assert store.settle("f1", [1.0])
+    assert store.reserve(req("f2", Charge(spec, 1.0))).ok
+    assert store.snapshot(spec).level == 8.0
