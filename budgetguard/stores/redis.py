@@ -154,6 +154,28 @@ class _Direct:
             self._local.conn = None
             raise
 
+    def evalsha(self, head: bytes, nargs: int, args: tuple[bytes, ...]) -> Any:
+        """``EVALSHA``: ``head`` is the packed name, sha, key count and keys; ``args`` bytes."""
+        conn = self._connection()
+        parts = [b"*%d\r\n" % (nargs,), head]
+        for arg in args:
+            parts += (b"$%d\r\n" % (len(arg),), arg, b"\r\n")
+        try:
+            conn.send_packed_command([b"".join(parts)])  # one sendall
+            return conn.read_response()
+        except rexc.ResponseError:
+            raise
+        except BaseException:
+            conn.disconnect()
+            self._local.conn = None
+            raise
+
+    def pack_head(self, sha: str, numkeys: int, keys: tuple[str, ...]) -> bytes:
+        """The packed start of ``EVALSHA sha numkeys keys...`` (keys encoded as the client would)."""
+        encode = self._connection().encoder.encode
+        items = [b"EVALSHA", sha.encode(), b"%d" % (numkeys,), *(encode(k) for k in keys)]
+        return b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in items)
+
     def script_load(self, source: str) -> str:
         """``SCRIPT LOAD``; the script's sha1."""
         return _text(self.execute_command("SCRIPT", "LOAD", source))
@@ -165,6 +187,37 @@ class _Direct:
             self._every = weakref.WeakSet()
         for conn in conns:
             conn.disconnect()
+
+
+class _DirectScript(_Script):
+    """:class:`_Script` on a :class:`_Direct`: the command's head (name, sha, keys) is packed
+    once per key tuple, and arguments that are bytes (the reserve and settle payloads) are
+    framed without redis-py's command packer."""
+
+    __slots__ = ("_heads",)
+
+    def __init__(self, client: Any, source: str, numkeys: int) -> None:
+        super().__init__(client, source, numkeys)
+        self._heads: dict[tuple[str, ...], bytes] = {}
+
+    def __call__(self, *keys_and_args: Any) -> Any:
+        """Run the script with its keys then its arguments."""
+        n = self.numkeys
+        keys, args = keys_and_args[:n], keys_and_args[n:]
+        if not all(type(a) is bytes for a in args):  # snapshot's numbers: redis-py packs them
+            return super().__call__(*keys_and_args)
+        try:
+            return self._client.evalsha(self._head(keys), 3 + len(keys_and_args), args)
+        except rexc.NoScriptError:  # a new or restarted server: its script cache is empty
+            self.sha = self._client.script_load(self.source)
+            self._heads.clear()
+            return self._client.evalsha(self._head(keys), 3 + len(keys_and_args), args)
+
+    def _head(self, keys: tuple[str, ...]) -> bytes:
+        head = self._heads.get(keys)
+        if head is None:
+            head = self._heads[keys] = self._client.pack_head(self.sha, self.numkeys, keys)
+        return head
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +400,7 @@ class RedisStore:
                 with self._lock:
                     if self._direct is None:
                         self._direct = _Direct(client)
-                    scripts = self._scripts = _register(self._direct)
+                    scripts = self._scripts = _register(self._direct, _DirectScript)
             else:
                 scripts = self._scripts = _register(client)
         return scripts
