@@ -10,6 +10,7 @@ replays recognised, and no expired lease ever missed by the skipped probe.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -192,3 +193,26 @@ def test_a_url_store_recovers_its_scripts_after_a_script_flush(store: RedisStore
     assert store.settle("f1", [1.0])
     assert store.reserve(req("f2", Charge(spec, 1.0))).ok
     assert store.snapshot(spec).level == 8.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_makes_its_own_connection(store: RedisStore) -> None:
+    spec = BucketSpec("fork", 100.0)
+    assert store.reserve(req("parent-1", Charge(spec, 1.0))).ok  # the parent's connection exists
+    assert store._direct is not None
+    parent_conn = store._direct._local.conn
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            ok = store.reserve(req("child", Charge(spec, 2.0))).ok and store.settle("child", [2.0])
+            if ok and store._direct._local.conn is not parent_conn:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.settle("parent-1", [1.0])  # the parent's connection was left alone
+    assert store.reserve(req("parent-2", Charge(spec, 4.0))).ok
+    assert store.settle("parent-2", [4.0])
+    assert store.snapshot(spec).spent == 7.0
