@@ -14,9 +14,11 @@ operations, so the machine's drift hits all of them):
   i.e. the script's own time inside Redis;
 * ``rest``: wall minus cpu minus server: the network stack, wake-ups, waiting for a core.
 
-Operations: raw EVALSHA of ``return 1``, a 1-bucket reserve, its settle, a 3-bucket
-reserve (the buckets of ``bench_stores.py``) and limits' moving-window ``hit``
-(``EVALSHA`` too, so its server time is measured the same way).
+Operations: raw EVALSHA of ``return 1`` (through redis-py's ``evalsha`` as in
+``bench_stores.py``'s baseline, and hand-framed on a held connection, the way a store built
+from a URL sends its scripts), a 1-bucket reserve, its settle, a 3-bucket reserve (the
+buckets of ``bench_stores.py``) and limits' moving-window ``hit`` (``EVALSHA`` too, so its
+server time is measured the same way).
 """
 
 from __future__ import annotations
@@ -92,6 +94,18 @@ def main() -> None:
             evalsha = client.evalsha
             return (lambda i: evalsha(sha, 0)), None
 
+        held = client.connection_pool.get_connection()  # the store's way: no checkout per call
+        framed = [b"*3\r\n$7\r\nEVALSHA\r\n$40\r\n" + sha.encode() + b"\r\n$1\r\n0\r\n"]
+
+        def raw_held(r: int) -> tuple[Op, None]:
+            send, read = held.send_packed_command, held.read_response
+
+            def run(i: int) -> None:
+                send(framed)
+                read()
+
+            return run, None
+
         def reserve1(r: int) -> tuple[Op, None]:
             requests = [ReserveRequest(f"p-{r}-{i}", one, 600.0) for i in range(args.ops)]
             reserve = store.reserve
@@ -112,14 +126,22 @@ def main() -> None:
             h = limiter.hit
             return (lambda i: h(item, "alice")), None
 
-        names = ["raw EVALSHA 'return 1'", "reserve, 1 bucket", "settle, 1 bucket", "reserve, 3 buckets", "limits hit"]
-        setups = [raw, reserve1, settle1, reserve3, hit]
+        names = [
+            "raw EVALSHA 'return 1'",
+            "raw, held conn, framed",
+            "reserve, 1 bucket",
+            "settle, 1 bucket",
+            "reserve, 3 buckets",
+            "limits hit",
+        ]
+        setups = [raw, raw_held, reserve1, settle1, reserve3, hit]
         samples: list[list[tuple[float, float, float]]] = [[] for _ in setups]
         for r in range(args.rounds + 1):
             for k, setup in enumerate(setups):
                 m = measure(client, args.ops, setup, r)
                 if r:
                     samples[k].append(m)
+        client.connection_pool.release(held)
         store.close()
         client.close()
 
@@ -128,11 +150,11 @@ def main() -> None:
     for name, s in zip(names, samples, strict=True):
         wall, cpu, srv = (statistics.median(x[j] for x in s) for j in range(3))
         print(f"{name:26} {wall:7.1f} {cpu:7.1f} {srv:7.1f} {wall - cpu - srv:7.1f}")
-    rawwall = statistics.median(x[0] for x in samples[0])
-    pair = statistics.median(a[0] + b[0] for a, b in zip(samples[1], samples[2], strict=True))
-    print(f"pair ratio (raw wall / pair wall): {rawwall / pair:.2f}x")
+    pair = statistics.median(a[0] + b[0] for a, b in zip(samples[2], samples[3], strict=True))
+    for k, what in ((0, "raw wall"), (1, "raw held-connection wall")):
+        print(f"pair ratio ({what} / pair wall): {statistics.median(x[0] for x in samples[k]) / pair:.2f}x")
     print(f"3-bucket ratio (hit wall / reserve wall): "
-          f"{statistics.median(h[0] / t[0] for h, t in zip(samples[4], samples[3], strict=True)):.2f}x")
+          f"{statistics.median(h[0] / t[0] for h, t in zip(samples[5], samples[4], strict=True)):.2f}x")
 
 
 if __name__ == "__main__":
