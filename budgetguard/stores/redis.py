@@ -3,7 +3,9 @@
 Every operation is one round trip: a Lua script (``lua/*.lua``, registered once and run
 with EVALSHA) that reads the server's clock, sweeps due leases and applies the same
 rules as :mod:`.base`. Time comes from Redis (``TIME``), so client clocks do not matter;
-clients only send the period bounds their calendars computed.
+clients only send the period bounds their calendars computed. A store built from a URL
+sends its scripts on one connection per thread (:class:`_Direct`) rather than through
+redis-py's per-command pool checkout; a client passed in is used as it is.
 
 Key layout (two keys with one hash tag, so every script works on Redis Cluster)::
 
