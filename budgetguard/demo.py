@@ -16,6 +16,8 @@ from typing import Any, TextIO
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableConfig
+from pydantic import SecretStr
 
 from budgetguard.budgets import Budget
 from budgetguard.errors import BudgetExceeded
@@ -75,7 +77,7 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
     with StubOpenAIServer(reply_tokens=45, context_windows=windows) as server:
 
         def llm(model: str, **kw: Any) -> ChatOpenAI:
-            return ChatOpenAI(model=model, base_url=server.base_url, api_key="sk-demo", max_retries=0, **kw)
+            return ChatOpenAI(model=model, base_url=server.base_url, api_key=SecretStr("sk-demo"), max_retries=0, **kw)
 
         ledger = Ledger(ledger_path)
         guard = BudgetGuard(
@@ -109,7 +111,7 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
         say()
 
         say("1. alice asks a question through guard | (prompt | ChatOpenAI | parser)")
-        cfg = {"configurable": {"user_id": "alice"}, "metadata": {"feature": "support-chat"}}
+        cfg: RunnableConfig = {"configurable": {"user_id": "alice"}, "metadata": {"feature": "support-chat"}}
         msg = (guard | (prompt | llm("gpt-4o-mini", max_tokens=200))).invoke({"question": "How do I rotate my API key?"}, cfg)
         info = msg.response_metadata["budgetguard"]
         reserved = info["estimated_input_tokens"] + info["estimated_output_tokens"]
@@ -129,7 +131,7 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
 
         say("3. carol asks long questions: her bucket runs dry, the team pool lends, then the guard says no")
         question = {"question": "Explain the billing rules in detail. " * 12}
-        carol = {"configurable": {"user_id": "carol"}}
+        carol: RunnableConfig = {"configurable": {"user_id": "carol"}}
         for i in range(1, 30):
             before = server.request_count
             try:
@@ -171,7 +173,9 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
         sent_before = server.request_count
         (roomy | llm("gpt-3.5-turbo", max_tokens=300)).invoke(turns, {"configurable": {"user_id": "erin"}})
         req = server.requests[-1]
-        say(f"   prompt before: {_n(before)} tokens; sent: {_n(req.prompt_tokens)} tokens in {len(req.body['messages'])} of {len(turns)} messages (status {req.status})")
+        sent = _n(req.prompt_tokens or 0)
+        say(f"   prompt before: {_n(before)} tokens; sent: {sent} tokens in {len(req.body['messages'])} of "
+            f"{len(turns)} messages (status {req.status})")
         say(f"   requests sent: {server.request_count - sent_before}, context-length errors received: 0")
         say()
 

@@ -30,6 +30,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import (
     Runnable,
     RunnableBinding,
+    RunnableConfig,
     RunnableParallel,
     RunnableSequence,
 )
@@ -63,7 +64,7 @@ class GuardedChatModel(BaseChatModel):
     def __init__(self, *, inner: BaseChatModel, guard: Any, **kwargs: Any) -> None:
         """Wrap ``inner``; prefer ``guard.model(llm)`` or ``guard | chain``."""
         metadata = {**(kwargs.pop("metadata", None) or {}), WRAPPER_KEY: True}
-        super().__init__(inner=inner, guard=guard, metadata=metadata, **kwargs)
+        super().__init__(inner=inner, guard=guard, metadata=metadata, **kwargs)  # type: ignore[call-arg]
 
     @property
     def _llm_type(self) -> str:
@@ -110,7 +111,7 @@ class GuardedChatModel(BaseChatModel):
 
     def _route(
         self, ticket: Ticket, stop: list[str] | None, run_manager: Any, kwargs: dict
-    ) -> tuple[BaseChatModel, list[BaseMessage], dict[str, Any], dict[str, Any]]:
+    ) -> tuple[BaseChatModel, list[BaseMessage], dict[str, Any], RunnableConfig]:
         call = ticket.call
         target = call.target
         if target is None:
@@ -118,7 +119,7 @@ class GuardedChatModel(BaseChatModel):
         elif isinstance(target, str):
             target = _with_model_name(self.inner, target)
         key = self.guard.hand_off(ticket)
-        config = {
+        config: RunnableConfig = {
             "callbacks": _child_callbacks(run_manager),
             "metadata": {HANDOFF_KEY: key},
         }

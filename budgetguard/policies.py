@@ -36,6 +36,8 @@ from budgetguard.flow import Flow, Invoke, Peek, Sleep
 from budgetguard.tickets import flat_scope
 
 if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
+
     from budgetguard.errors import BudgetExceeded
     from budgetguard.guard import BudgetGuard
     from budgetguard.tickets import Call
@@ -280,7 +282,9 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
                 ],
                 _scoped_config(call),
             )
-            kept = [*system, SystemMessage(f"Summary of the earlier conversation: {summary.content}"), *latest]
+            kept: list[BaseMessage] | None = [
+                *system, SystemMessage(f"Summary of the earlier conversation: {summary.content}"), *latest
+            ]
         else:
             kept = self._trim(call, guard, system, older, latest, target)
         if kept is None or len(kept) >= len(messages):
@@ -332,7 +336,7 @@ def _split(messages: Sequence[BaseMessage]) -> tuple[list[BaseMessage], list[Bas
     return list(messages[:head]), list(messages[head:last_human]), list(messages[last_human:])
 
 
-def _scoped_config(call: Call) -> dict[str, Any]:
+def _scoped_config(call: Call) -> RunnableConfig:
     flat = flat_scope(call.scopes)
     return {
         "configurable": flat,
