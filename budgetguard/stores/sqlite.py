@@ -60,7 +60,6 @@ from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.base import (
     BucketSpec,
     BucketState,
-    Denial,
     ExpiredLease,
     Held,
     ReserveRequest,
@@ -111,7 +110,6 @@ _NEXT_AND_BUCKETS = (
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key IN ({marks})"
     " WHERE m.kind = 0 AND m.key = 'next_expiry'"
 )
-_NEXT_AND_BUCKET = _NEXT_AND_BUCKETS.format(marks="?")
 _NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
 _SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
 _SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
@@ -313,8 +311,8 @@ class SQLiteStore:
     """
 
     _one_bucket_paths = True
-    """Reserve and settle one bucket without a pool on the SQL and lean paths (tests turn
-    them off to compare with the general paths)."""
+    """Reserve and settle one bucket without a pool on the SQL paths (tests turn them off
+    to compare with the general paths)."""
 
     def __init__(
         self,
@@ -657,29 +655,7 @@ class SQLiteStore:
                     _duplicate(request.id)
                 self._remember(request.id, held, [Held(spec, None, amount, 0.0, period, None)])
                 return _RESERVED
-        # Then the same steps as _reserve_any without its dicts, getter and loops.
-        row = cursor.execute(_NEXT_AND_BUCKET, (spec.key,)).fetchone()
-        if row is None or (row[0] is not None and row[0] <= now):
-            return self._reserve_any(cursor, now, request)  # the bound row is missing or a lease may be due
-        next_expiry, found, level, updated_at, period_start, spent = row
-        state = refresh(None if found is None else BucketState(level, updated_at, period_start, spent), spec, now)
-        outcome = apply_reserve(lambda _: state, charges, now)
-        if isinstance(outcome, Denial):
-            if cursor.execute(_IS_OPEN, (request.id,)).fetchone():
-                _duplicate(request.id)
-            return ReserveResult(False, outcome)
-        cursor.execute(_SAVE, (spec.key, state.level, state.updated_at, state.period_start, state.spent))
-        expires_at = now + request.lease_seconds
-        h = outcome[0]
-        held = f"[[{_spec_json(spec)},null,{_number(h.took)},{_number(h.lent)},{_number(h.period)},null]]"
-        try:
-            cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), spec.key))
-        except sqlite3.IntegrityError:
-            _duplicate(request.id)
-        if next_expiry is None or expires_at < next_expiry:
-            cursor.execute(_SET_NEXT_EXPIRY, (expires_at,))
-        self._remember(request.id, held, outcome)
-        return _RESERVED
+        return self._reserve_any(cursor, now, request)  # a denial, a new bucket, a due sweep, ...
 
     def _reserve_any(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
@@ -743,14 +719,6 @@ class SQLiteStore:
             msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
             raise ValueError(msg)  # nothing was changed
         cursor.execute(_DELETE_LEASE, (reservation_id,))
-        if len(held) == 1 and self._one_bucket_paths:
-            h = held[0]
-            if h.lender is None and first_key == h.bucket.key:  # one bucket, read with the lease
-                state = BucketState(level, updated_at, period_start, spent) if level is not None else None
-                state = refresh(state, h.bucket, now)
-                apply_settle(lambda _: state, held, actuals)
-                cursor.execute(_SAVE, (first_key, state.level, state.updated_at, state.period_start, state.spent))
-                return True
         buckets: Buckets = {}
         if first_key is not None:
             buckets[first_key] = None if level is None else BucketState(level, updated_at, period_start, spent)
