@@ -143,11 +143,14 @@ class _Direct:
                 self._every.add(conn)
         return conn
 
-    def execute_command(self, *args: Any) -> Any:
-        """Send one command and read its reply (error replies raise, as redis-py's)."""
+    def _round_trip(self, send: Callable[[Any], None]) -> Any:
+        """``send`` a command on this thread's connection and read its reply.
+
+        Error replies raise, as redis-py's; any other failure drops the connection.
+        """
         conn = self._connection()
         try:
-            conn.send_command(*args)
+            send(conn)
             return conn.read_response()
         except rexc.ResponseError:  # a whole reply was read: the connection stays usable
             raise
@@ -156,21 +159,17 @@ class _Direct:
             self._local.conn = None
             raise
 
+    def execute_command(self, *args: Any) -> Any:
+        """Send one command and read its reply."""
+        return self._round_trip(lambda conn: conn.send_command(*args))
+
     def evalsha(self, head: bytes, nargs: int, args: tuple[bytes, ...]) -> Any:
         """``EVALSHA``: ``head`` is the packed name, sha, key count and keys; ``args`` bytes."""
-        conn = self._connection()
         parts = [b"*%d\r\n" % (nargs,), head]
         for arg in args:
             parts += (b"$%d\r\n" % (len(arg),), arg, b"\r\n")
-        try:
-            conn.send_packed_command([b"".join(parts)])  # one sendall
-            return conn.read_response()
-        except rexc.ResponseError:
-            raise
-        except BaseException:
-            conn.disconnect()
-            self._local.conn = None
-            raise
+        packed = [b"".join(parts)]
+        return self._round_trip(lambda conn: conn.send_packed_command(packed))  # one sendall
 
     def pack_head(self, sha: str, numkeys: int, keys: tuple[str, ...]) -> bytes:
         """The packed start of ``EVALSHA sha numkeys keys...`` (keys encoded as the client would)."""
