@@ -317,7 +317,6 @@ def profile_timers(env: dict[str, Any], calls: int) -> None:
     patch(guard_mod, "drive", "  flow.drive")
     patch(guard, "lines_for", "    guard.BudgetGuard.lines_for")
     patch(Ticket, "meta_json", "    tickets.Ticket.meta_json")
-    patch(guard, "_request", "    guard.BudgetGuard._request")
     patch(store, "reserve", "    stores.memory.MemoryStore.reserve")
     patch(metered_mod, "_finish", "metered._finish")
     patch(metered_mod, "conclude", "  meter.conclude")

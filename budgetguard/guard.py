@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -34,9 +35,11 @@ from budgetguard.errors import (
 )
 from budgetguard.estimate import TokenEstimator
 from budgetguard.flow import Flow, Reserve, adrive, drive
+from budgetguard.meter import meters_for
+from budgetguard.metered import SCOPES_KEY, meter_in_place
 from budgetguard.pricing import PriceTable
 from budgetguard.stores import MemoryStore, Store, store_from_url
-from budgetguard.stores.base import BucketSpec, Charge, ExpiredLease, ReserveRequest
+from budgetguard.stores.base import BucketSpec, ExpiredLease, ReserveRequest
 from budgetguard.tickets import Call, Line, Ticket
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ __all__ = ["BudgetGuard", "GuardedRunnable"]
 logger = logging.getLogger("budgetguard")
 
 _SPEC_CACHE_SIZE = 4096
+_NO_SCOPE: Mapping[str, str] = MappingProxyType({})
 
 
 class BudgetGuard:
@@ -145,7 +149,6 @@ class BudgetGuard:
         """
         from langchain_core.runnables.base import coerce_to_runnable
 
-        from budgetguard.metered import meter_in_place
         from budgetguard.model import reach_models
 
         bound = coerce_to_runnable(runnable)
@@ -228,31 +231,31 @@ class BudgetGuard:
         """USD cost of a call (raises ``UnknownModelError`` for a model with no price)."""
         return self.prices.require_price(model).cost(int(input_tokens), int(output_tokens), int(cached))
 
-    def lines_for(self, call: Call) -> tuple[Line, ...]:
-        """What each charged budget would hold for ``call``."""
+    def lines_for(self, call: Call, now: float | None = None) -> tuple[Line, ...]:
+        """What each charged budget would hold for ``call``: its bucket as of ``now`` and amount."""
+        if now is None:
+            now = self.clock.now()
         est = call.estimate
         tokens = float(est.input_tokens + est.output_tokens)
         usd = self.price(call.model, est.input_tokens, est.output_tokens) if self._uses_usd else 0.0
-        scopes = call.scopes
-        return tuple([Line(b, scopes.get(b.name, {}), usd if b.unit == "usd" else tokens) for b in self._charged])
+        scopes, spec, budgets = call.scopes, self._spec, self.budgets
+        lines = []
+        for b in self._charged:
+            scope = scopes.get(b.name, _NO_SCOPE)
+            lender = spec(budgets[b.borrow_from], _NO_SCOPE, now) if b.borrow_from else None
+            amount = usd if b.unit == "usd" else tokens
+            lines.append(Line(spec(b, scope, now), amount, lender, budget=b, scope=scope))
+        return tuple(lines)
 
-    def specs_for(self, lines: Sequence[Line]) -> tuple[BucketSpec, ...]:
+    @staticmethod
+    def specs_for(lines: Sequence[Line]) -> tuple[BucketSpec, ...]:
         """The bucket of each line, and its lender's right after it when it borrows."""
         specs: list[BucketSpec] = []
         for ln in lines:
-            specs.append(self._spec(ln.budget, ln.scope))
-            if ln.budget.borrow_from:
-                specs.append(self._spec(self.budgets[ln.budget.borrow_from], {}))
+            specs.append(ln.bucket)
+            if ln.lender is not None:
+                specs.append(ln.lender)
         return tuple(specs)
-
-    def _request(self, ticket: Ticket) -> ReserveRequest:
-        now = ticket.started
-        charges = []
-        for ln in ticket.lines:
-            budget = ln.budget
-            lender = self._spec(self.budgets[budget.borrow_from], {}, now) if budget.borrow_from else None
-            charges.append(Charge(self._spec(budget, ln.scope, now), ln.amount, lender))
-        return ReserveRequest(ticket.id, tuple(charges), self.lease_seconds, ticket.meta_json)
 
     def window_error(self, call: Call) -> ContextWindowExceeded | None:
         """The error for a call that does not fit its model's context window, if it does not."""
@@ -304,10 +307,11 @@ class BudgetGuard:
         while True:
             error: BudgetExceeded | None = self.window_error(call)
             if error is None:
-                lines = self.lines_for(call)
-                ticket = Ticket(call, lines, self.clock.now(), owner, tried=tuple(tried) if tried else ())
+                now = self.clock.now()
+                lines = self.lines_for(call, now)
+                ticket = Ticket(call, lines, now, owner, tried=tuple(tried) if tried else ())
                 try:
-                    result = yield Reserve(self._request(ticket))
+                    result = yield Reserve(ReserveRequest(ticket.id, lines, self.lease_seconds, ticket.meta_json))
                 except StoreUnavailable as exc:
                     if not self.fail_open:
                         raise
@@ -538,8 +542,6 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
 
 
 def _attach_meters(guard: BudgetGuard, config: RunnableConfig) -> None:
-    from budgetguard.meter import meters_for
-
     meters = meters_for(guard, config)
     callbacks = config.get("callbacks")
     if callbacks is None:
@@ -554,8 +556,6 @@ def _attach_meters(guard: BudgetGuard, config: RunnableConfig) -> None:
 
 
 def _pass_scopes(guard: BudgetGuard, config: RunnableConfig) -> None:
-    from budgetguard.metered import SCOPES_KEY
-
     scopes = guard.scopes_for(config)
     root = config.get("run_id")
     if root is None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from budgetguard.stores.base import Charge
+
 if TYPE_CHECKING:
     from langchain_core.messages import BaseMessage
 
@@ -68,13 +70,15 @@ class Call:
         return replace(self, **changes)
 
 
-@dataclass(frozen=True, slots=True)
-class Line:
-    """One budget's share of a call: the bucket charged and the amount, in its unit."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Line(Charge):
+    """One budget's share of a call: the store's :class:`~budgetguard.stores.base.Charge`
+    (bucket, amount in the budget's unit, the pool it may borrow from), plus the budget
+    and scope it belongs to. A ticket's lines are the reservation the store receives.
+    """
 
     budget: Budget
     scope: Mapping[str, str]
-    amount: float
 
 
 @dataclass(slots=True)
