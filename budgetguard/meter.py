@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+from types import MappingProxyType
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -63,6 +64,7 @@ WRAPPER_KEY = "budgetguard_wrapper"
 """Metadata marking the model wrapper's own run, which the meters leave alone."""
 
 _CO_COROUTINE = inspect.CO_COROUTINE
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 def _called_by_async_dispatcher() -> bool:
@@ -161,20 +163,10 @@ def build_call(
     if shape is None:
         shape = estimator.shape(model, params)
     estimate = estimator.estimate_with(shape, messages=messages, prompts=prompts)
-    return Call(
-        run_id=run_id,
-        model=model,
-        estimate=estimate,
-        messages=messages,
-        prompts=prompts,
-        params=params,
-        scopes=scopes,
-        model_requested=model,
-        tags=tuple(tags or ()),
-        metadata=metadata or {},
-        parent_run_id=parent_run_id,
-        root_run_id=root_run_id,
-    )
+    # Positional, every field given: this runs on every call, and keywords and default
+    # factories cost more than the rest of the constructor.
+    return Call(run_id, model, estimate, messages, prompts, params, scopes, model, None,
+                tuple(tags) if tags else (), metadata or {}, parent_run_id, root_run_id, None, _NO_KWARGS, 0.0)
 
 
 Response = LLMResult | BaseMessage

@@ -83,8 +83,12 @@ class Usage:
                      self.reasoning_tokens + other.reasoning_tokens)
 
 
-def _int(value: Any, where: str) -> int:
-    """A reported count: ints, whole floats and digit strings; None counts as 0."""
+def _int(value: Any, where: str, *path: Any) -> int:
+    """A reported count: ints, whole floats and digit strings; None counts as 0.
+
+    ``where`` and the keys in ``path`` name the field in the error (``usage_metadata['input_tokens']``);
+    the name is only put together when the value is bad.
+    """
     if type(value) is int and value >= 0:  # the common case, first
         return value
     if value is None:
@@ -97,26 +101,27 @@ def _int(value: Any, where: str) -> int:
     elif isinstance(value, str) and value.strip().isdigit():
         number = int(value.strip())
     if number is None or number < 0:
-        msg = f"{where}={value!r} is not a non-negative integer"
+        field = where + "".join(f"[{key!r}]" for key in path)
+        msg = f"{field}={value!r} is not a non-negative integer"
         raise UsageError(msg)
     return int(number)
 
 
-def _details(details: Any, suffix: str, where: str) -> int:
+def _details(details: Any, suffix: str, where: str, name: str) -> int:
     """Sum the detail counts whose key ends with ``suffix`` ("flex_cache_read" and "cache_read" alike)."""
     if not details or not isinstance(details, Mapping):
         return 0
-    return sum(_int(v, f"{where}[{k!r}]") for k, v in details.items() if str(k).endswith(suffix))
+    return sum(_int(v, where, name, k) for k, v in details.items() if str(k).endswith(suffix))
 
 
 def _from_standard(meta: Mapping[str, Any], where: str) -> Usage | None:
     """LangChain ``usage_metadata``."""
     if meta.get("input_tokens") is None and meta.get("output_tokens") is None:
         return None
-    return Usage(_int(meta.get("input_tokens"), f"{where}['input_tokens']"),
-                 _int(meta.get("output_tokens"), f"{where}['output_tokens']"),
-                 _details(meta.get("input_token_details"), "cache_read", f"{where}['input_token_details']"),
-                 _details(meta.get("output_token_details"), "reasoning", f"{where}['output_token_details']"))
+    return Usage(_int(meta.get("input_tokens"), where, "input_tokens"),
+                 _int(meta.get("output_tokens"), where, "output_tokens"),
+                 _details(meta.get("input_token_details"), "cache_read", where, "input_token_details"),
+                 _details(meta.get("output_token_details"), "reasoning", where, "output_token_details"))
 
 
 def _from_native(raw: Mapping[str, Any], where: str) -> Usage | None:
@@ -124,16 +129,16 @@ def _from_native(raw: Mapping[str, Any], where: str) -> Usage | None:
     for in_key, out_key in _NATIVE_KEYS:
         if raw.get(in_key) is None and raw.get(out_key) is None:
             continue
-        inputs = _int(raw.get(in_key), f"{where}[{in_key!r}]")
-        outputs = _int(raw.get(out_key), f"{where}[{out_key!r}]")
+        inputs = _int(raw.get(in_key), where, in_key)
+        outputs = _int(raw.get(out_key), where, out_key)
         cached = reasoning = 0
         for key in ("prompt_tokens_details", "input_tokens_details"):
-            cached += _int((raw.get(key) or {}).get("cached_tokens"), f"{where}[{key!r}]['cached_tokens']")
+            cached += _int((raw.get(key) or {}).get("cached_tokens"), where, key, "cached_tokens")
         for key in ("completion_tokens_details", "output_tokens_details"):
-            reasoning += _int((raw.get(key) or {}).get("reasoning_tokens"), f"{where}[{key!r}]['reasoning_tokens']")
+            reasoning += _int((raw.get(key) or {}).get("reasoning_tokens"), where, key, "reasoning_tokens")
         # Anthropic's input_tokens leaves out cache reads and writes; both are prompt tokens.
-        anthropic_read = _int(raw.get("cache_read_input_tokens"), f"{where}['cache_read_input_tokens']")
-        anthropic_write = _int(raw.get("cache_creation_input_tokens"), f"{where}['cache_creation_input_tokens']")
+        anthropic_read = _int(raw.get("cache_read_input_tokens"), where, "cache_read_input_tokens")
+        anthropic_write = _int(raw.get("cache_creation_input_tokens"), where, "cache_creation_input_tokens")
         return Usage(inputs + anthropic_read + anthropic_write, outputs, cached + anthropic_read, reasoning)
     return None
 

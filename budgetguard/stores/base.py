@@ -248,34 +248,38 @@ def apply_reserve(get: StateGetter, charges: Sequence[Charge], now: float) -> li
     """
     planned: dict[str, float] = {}  # key -> amount taken so far by this request
     held: list[Held] = []
+    takes: list[tuple[BucketState, float]] = []  # (state, amount) to take once all are covered
     for index, charge in enumerate(charges):
-        state = get(charge.bucket)
-        avail = max(state.level - planned.get(charge.bucket.key, 0.0), 0.0)
+        bucket = charge.bucket
+        state = get(bucket)
+        avail = max(state.level - planned.get(bucket.key, 0.0), 0.0) if planned else max(state.level, 0.0)
         took, lent = charge.amount, 0.0
         lender_state: BucketState | None = None
-        if avail < charge.amount:
-            short = charge.amount - avail
+        if avail < took:
+            short = took - avail
             if charge.lender is not None:
                 lender_state = get(charge.lender)
                 lender_avail = max(lender_state.level - planned.get(charge.lender.key, 0.0), 0.0)
             else:
                 lender_avail = 0.0
             if lender_avail < short:
-                wait = retry_after(state, charge.bucket, charge.amount, now)
+                wait = retry_after(state, bucket, charge.amount, now)
                 if charge.lender is not None and lender_state is not None:
                     lender_wait = retry_after(lender_state, charge.lender, short, now)
                     wait = None if wait is None and lender_wait is None else min(
                         w for w in (wait, lender_wait) if w is not None
                     )
-                return Denial(index, charge.bucket.key, charge.amount, avail + lender_avail, wait)
+                return Denial(index, bucket.key, charge.amount, avail + lender_avail, wait)
             took, lent = avail, short
-        planned[charge.bucket.key] = planned.get(charge.bucket.key, 0.0) + took
+        planned[bucket.key] = planned.get(bucket.key, 0.0) + took
+        takes.append((state, took))
         if lent:
-            assert charge.lender is not None
+            assert charge.lender is not None and lender_state is not None
             planned[charge.lender.key] = planned.get(charge.lender.key, 0.0) + lent
+            takes.append((lender_state, lent))
         held.append(
             Held(
-                charge.bucket,
+                bucket,
                 charge.lender if lent else None,
                 took,
                 lent,
@@ -283,10 +287,8 @@ def apply_reserve(get: StateGetter, charges: Sequence[Charge], now: float) -> li
                 lender_state.period_start if lender_state is not None and lent else None,
             )
         )
-    for h in held:
-        get(h.bucket).level -= h.took
-        if h.lender is not None:
-            get(h.lender).level -= h.lent
+    for state, amount in takes:
+        state.level -= amount
     return held
 
 

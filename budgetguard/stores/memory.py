@@ -82,7 +82,7 @@ class MemoryStore:
         """Reserve all charges or none (see :func:`~budgetguard.stores.base.apply_reserve`)."""
         now = self.clock.now()
         with self._lock:
-            expired = self._sweep_locked(now)
+            expired = self._sweep_locked(now) if now >= self._next_expiry else ()
             if request.id in self._open:
                 msg = f"reservation id {request.id!r} is already open"
                 raise ValueError(msg)
