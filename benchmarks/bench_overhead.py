@@ -25,7 +25,12 @@ median over all calls of all rounds:
    chain's model is a subclass whose ``invoke`` counts the newest message with tiktoken (the
    text no cache can know), takes the count plus the output cap from a counter under a lock,
    calls the model, and gives back the difference from ``usage_metadata``.
-7. ``abase`` / ``aguard`` / ``aguard-cb``: ``ainvoke`` of 1, 3 and 4 on one event loop.
+7. ``minimal``: a reference for the least a guard built from budgetguard's own parts does: a
+   model subclass whose ``invoke`` names its run, estimates the whole prompt with the guard's
+   ``TokenEstimator`` (cached shape, as the in-place meter does), reserves one charge in the
+   guard's ``MemoryStore``, calls the model, settles from ``usage_metadata`` and puts a small
+   dict in ``response_metadata``. No scopes, windows, policies, tickets, usage checks or logs.
+8. ``abase`` / ``aguard`` / ``aguard-cb``: ``ainvoke`` of 1, 3 and 4 on one event loop.
 
 Then (unless ``--no-profile``) case 3 is profiled twice: (a) budgetguard's entry points and
 inner steps are wrapped with timers (inclusive microseconds per call), (b) pyinstrument (if
@@ -54,9 +59,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import langchain_core
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables.config import ensure_config
+from langchain_core.utils.uuid import uuid7
 
 import budgetguard.meter as meter_mod
 from budgetguard import Budget, BudgetGuard
+from budgetguard.estimate import model_from_params
+from budgetguard.stores.base import Charge, ReserveRequest
 from budgetguard.testing.fake_models import UsageFakeChatModel
 
 SYSTEM = (
@@ -119,6 +128,29 @@ class FloorModel(UsageFakeChatModel):
 _FLOOR: dict[str, Any] = {}
 
 
+class MinimalModel(UsageFakeChatModel):
+    """The ``minimal`` case: budgetguard's estimator and memory store, and nothing else of the guard."""
+
+    def invoke(self, input: Any, config: Any = None, *, stop: Any = None, **kwargs: Any) -> Any:
+        guard: BudgetGuard = _FLOOR["minimal_guard"]
+        config = ensure_config(config) if config is None else config
+        run_id = config.get("run_id") or uuid7()  # replaces the id LangChain would make
+        config = {**config, "run_id": run_id}
+        shape = _FLOOR.get("minimal_shape")
+        if shape is None:
+            params = self._get_invocation_params(stop=stop, **kwargs)
+            shape = _FLOOR["minimal_shape"] = guard.estimator.shape(model_from_params(params), params)
+        est = guard.estimator.estimate_with(shape, messages=self._convert_input(input).to_messages())
+        amount = est.input_tokens + est.output_tokens
+        rid = str(run_id)
+        guard.store.reserve(ReserveRequest(rid, (Charge(_FLOOR["minimal_spec"], amount),)))
+        message = super().invoke(input, config, stop=stop, **kwargs)
+        usage = message.usage_metadata
+        guard.store.settle(rid, (float(usage["input_tokens"] + usage["output_tokens"]),))
+        message.response_metadata["budgetguard"] = {"model": shape.model, "reserved": amount}
+        return message
+
+
 def build() -> dict[str, Any]:
     prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("human", "{question}")])
     model = UsageFakeChatModel(max_tokens=64, replies=REPLIES)
@@ -137,6 +169,9 @@ def build() -> dict[str, Any]:
     _FLOOR.update(lock=threading.Lock(), level=[1e12], encoding=guard.estimator.encoding_for(name).encoding,
                   fixed=guard.estimator.count_text(SYSTEM, name) + 64)
     floor = prompt | floor_model
+    minimal_guard = _FLOOR["minimal_guard"] = make_guard()
+    _FLOOR["minimal_spec"] = minimal_guard._spec(minimal_guard.budgets["g"], {})
+    minimal = prompt | MinimalModel(max_tokens=64, replies=REPLIES)
     sync_cases: dict[str, Callable[[Any], Any]] = {
         "base": chain.invoke,
         "noop-cb": lambda x: chain.invoke(x, noop_cfg),
@@ -144,6 +179,7 @@ def build() -> dict[str, Any]:
         "guard-cb": guarded_cb.invoke,
         "guard+user": lambda x: guarded_u.invoke(x, user_cfg),
         "floor": floor.invoke,
+        "minimal": minimal.invoke,
     }
     async_cases: dict[str, Callable[[Any], Any]] = {
         "abase": chain.ainvoke,
@@ -258,6 +294,8 @@ def report(env: dict[str, Any], samples: dict[str, list[int]]) -> dict[str, floa
     log(f"guard+user over guard: +{med['guard+user'] - med['guard']:.1f} us/call")
     log(f"floor over base:     +{med['floor'] - med['base']:.1f} us/call (paired {paired['floor']:.3f}x): "
         "tiktoken on the new text plus a locked counter, the least a pre-call guard does")
+    log(f"minimal over base:   +{med['minimal'] - med['base']:.1f} us/call (paired {paired['minimal']:.3f}x): "
+        "budgetguard's estimator + memory store + a metadata dict, none of the guard's bookkeeping")
     return med
 
 
