@@ -23,8 +23,8 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from types import MappingProxyType
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
