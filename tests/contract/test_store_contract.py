@@ -559,3 +559,55 @@ async def test_redis_store_takes_clients_and_urls(redis_server: Any) -> None:
     await async_client.aclose()
     sync_client.close()
     from_url.close()
+
+
+# -- the guard over each store ---------------------------------------------------------
+
+
+async def test_a_guard_reserves_borrows_and_reconciles_through_the_store(h: Harness) -> None:
+    """``guard | model`` end to end on this store: the guard's lines are the store's charges."""
+    from budgetguard import Budget, BudgetExceeded, BudgetGuard
+    from budgetguard.testing.fake_models import UsageFakeChatModel
+
+    guard = BudgetGuard(
+        [
+            Budget("g", limit=1000),
+            Budget("u", limit=20, per="user_id", borrow_from="pool"),
+            Budget("pool", limit=100),
+        ],
+        store=h.store,
+        clock=h.clock,
+        ledger=False,
+    )
+    model = UsageFakeChatModel(replies=["one two three"], input_tokens=10, max_tokens=5)
+    question = "please summarise the following text for me in one line"
+    alice = {"configurable": {"user_id": "alice"}}
+
+    async def call(runnable: Any) -> Any:
+        if h.mode == "sync":
+            return runnable.invoke(question, alice)
+        return await runnable.ainvoke(question, alice)
+
+    chain = guard | model
+    first = await call(chain)
+    reserved = first.response_metadata["budgetguard"]["reserved"]["u"]
+    assert reserved > 13  # the estimate (prompt + the cap of 5) exceeds what the call reports
+    # Call 1 used 13 of alice's 20. Call 2 reserves more than the 7 left, borrows the rest
+    # from the pool, and the refund goes back to the pool first: the pool gets back all but 6.
+    await call(chain)
+    assert guard.remaining("u", user_id="alice") == pytest.approx(0.0, abs=1e-9)
+    assert guard.remaining("pool") == pytest.approx(94.0, abs=1e-9)
+    assert guard.remaining("g") == pytest.approx(1000.0 - 26, abs=1e-9)
+    # Spend: alice 13 + 7 of her own, the pool the 6 it lent and kept.
+    assert h.store.snapshot(guard._spec(guard.budgets["u"], {"user_id": "alice"})).spent == pytest.approx(20.0)
+    assert h.store.snapshot(guard._spec(guard.budgets["pool"], {})).spent == pytest.approx(6.0)
+
+    # A call whose cap the pool cannot cover is refused before it is sent; nothing changes.
+    big = guard | model.model_copy(update={"max_tokens": 500})
+    with pytest.raises(BudgetExceeded) as info:
+        await call(big)
+    assert info.value.budget == "u" and info.value.scope == {"user_id": "alice"}
+    assert model.calls == 2
+    assert guard.remaining("pool") == pytest.approx(94.0, abs=1e-9)
+    assert guard.remaining("g") == pytest.approx(974.0, abs=1e-9)
+    assert h.store.open_reservations() == 0
