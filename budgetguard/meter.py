@@ -24,7 +24,6 @@ import inspect
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -64,7 +63,6 @@ WRAPPER_KEY = "budgetguard_wrapper"
 """Metadata marking the model wrapper's own run, which the meters leave alone."""
 
 _CO_COROUTINE = inspect.CO_COROUTINE
-_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 def _called_by_async_dispatcher() -> bool:
@@ -166,7 +164,7 @@ def build_call(
     # Positional, every field given: this runs on every call, and keywords and default
     # factories cost more than the rest of the constructor.
     return Call(run_id, model, estimate, messages, prompts, params, scopes, model, None,
-                tuple(tags) if tags else (), metadata or {}, parent_run_id, root_run_id, None, _NO_KWARGS, 0.0)
+                tuple(tags) if tags else (), metadata or {}, parent_run_id, root_run_id, None, {}, 0.0)
 
 
 Response = LLMResult | BaseMessage
