@@ -14,7 +14,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
@@ -36,7 +35,7 @@ from budgetguard.errors import (
 from budgetguard.estimate import TokenEstimator
 from budgetguard.flow import Flow, Reserve, adrive, drive
 from budgetguard.meter import meters_for
-from budgetguard.metered import SCOPES_KEY, meter_in_place
+from budgetguard.metered import SCOPES_KEY
 from budgetguard.pricing import PriceTable
 from budgetguard.stores import MemoryStore, Store, store_from_url
 from budgetguard.stores.base import BucketSpec, ExpiredLease, ReserveRequest
@@ -52,7 +51,6 @@ __all__ = ["BudgetGuard", "GuardedRunnable"]
 logger = logging.getLogger("budgetguard")
 
 _SPEC_CACHE_SIZE = 4096
-_NO_SCOPE: Mapping[str, str] = MappingProxyType({})
 
 
 class BudgetGuard:
@@ -149,6 +147,7 @@ class BudgetGuard:
         """
         from langchain_core.runnables.base import coerce_to_runnable
 
+        from budgetguard.metered import meter_in_place  # looked up per call: tests patch it
         from budgetguard.model import reach_models
 
         bound = coerce_to_runnable(runnable)
@@ -241,8 +240,8 @@ class BudgetGuard:
         scopes, spec, budgets = call.scopes, self._spec, self.budgets
         lines = []
         for b in self._charged:
-            scope = scopes.get(b.name, _NO_SCOPE)
-            lender = spec(budgets[b.borrow_from], _NO_SCOPE, now) if b.borrow_from else None
+            scope = scopes.get(b.name) or {}
+            lender = spec(budgets[b.borrow_from], {}, now) if b.borrow_from else None
             amount = usd if b.unit == "usd" else tokens
             lines.append(Line(spec(b, scope, now), amount, lender, budget=b, scope=scope))
         return tuple(lines)

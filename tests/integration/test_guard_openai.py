@@ -58,9 +58,13 @@ def long_history(turns: int) -> list:
     return msgs
 
 
-async def test_estimate_equals_the_servers_count_and_reconciles_to_it(run: Any, server: StubOpenAIServer) -> None:
+async def test_estimate_equals_the_servers_count_and_reconciles_to_it(
+    run: Any, server: StubOpenAIServer, metering: str
+) -> None:
     guard = BudgetGuard([Budget("g", limit=10_000)])
-    msg = await run.invoke(guard | (PROMPT | chat(server)), {"q": "What is a token bucket?"})
+    guarded = guard | (PROMPT | chat(server))
+    assert guarded.in_place is (metering == "in-place")  # the fixture's switch really switches
+    msg = await run.invoke(guarded, {"q": "What is a token bucket?"})
     req = server.requests[-1]
     info = msg.response_metadata["budgetguard"]
     assert info["estimated_input_tokens"] == req.prompt_tokens

@@ -49,10 +49,11 @@ def prompt_tokens(guard: BudgetGuard, q: str = "hi", model_name: str = "gpt-4o-m
     return guard.estimator.count_messages(PROMPT.format_messages(q=q), model_name)
 
 
-def test_guard_or_chain_returns_a_runnable_like_the_chain() -> None:
+def test_guard_or_chain_returns_a_runnable_like_the_chain(metering: str) -> None:
     guard = BudgetGuard([Budget("g", limit=1000)])
     chain = PROMPT | model() | StrOutputParser()
     guarded = guard | chain
+    assert guarded.in_place is (metering == "in-place")  # the fixture's switch really switches
     assert guarded.get_name() == chain.get_name()
     assert guarded.get_input_jsonschema() == chain.get_input_jsonschema()
     assert guarded.get_output_jsonschema() == chain.get_output_jsonschema()
@@ -362,3 +363,31 @@ def test_jupyter_style_sync_invoke_inside_a_running_loop_is_still_enforced() -> 
 
     asyncio.run(main())
     assert llm.calls == 0
+
+
+def test_tickets_and_calls_copy_and_pickle() -> None:
+    """Records a user may log, copy or hand to another process: nothing in them is uncopyable."""
+    import copy
+    import dataclasses
+    import pickle
+    import uuid
+
+    from langchain_core.messages import HumanMessage
+
+    from budgetguard.meter import build_call
+
+    guard = BudgetGuard(
+        [Budget("g", limit=1000), Budget("u", limit=50, per="user_id", borrow_from="pool"), Budget("pool", limit=99)],
+        ledger=False,
+    )
+    call = build_call(
+        guard, run_id=uuid.uuid4(), model="gpt-4o-mini", params={"max_tokens": 5}, messages=[HumanMessage("hi")],
+        prompts=None, scopes=guard.scopes_for(ALICE), tags=None, metadata=None, parent_run_id=None, root_run_id=None,
+    )  # fmt: skip
+    ticket = guard.reserve(call)
+    assert [ln.budget.name for ln in ticket.lines] == ["g", "u"] and ticket.lines[1].lender is not None
+    for record in (call, ticket, *ticket.lines):  # Budget compares by identity: compare as dicts
+        fields = dataclasses.asdict(record)
+        assert dataclasses.asdict(pickle.loads(pickle.dumps(record))) == fields
+        assert dataclasses.asdict(copy.deepcopy(record)) == fields
+    guard.settle(ticket, None, outcome="ok")
