@@ -579,7 +579,7 @@ async def test_a_guard_reserves_borrows_and_reconciles_through_the_store(h: Harn
         clock=h.clock,
         ledger=False,
     )
-    model = UsageFakeChatModel(replies=["one two three"], input_tokens=10, max_tokens=5)
+    model = UsageFakeChatModel(model_name="gpt-4", replies=["one two three"], input_tokens=10, max_tokens=5)
     question = "please summarise the following text for me in one line"
     alice = {"configurable": {"user_id": "alice"}}
 
