@@ -27,7 +27,7 @@ Bucket rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -375,11 +375,16 @@ class Store(Protocol):
         ...
 
 
-def specs_by_key(held: Sequence[Held]) -> Mapping[str, BucketSpec]:
-    """Every bucket spec a reservation touches, by key."""
-    out: dict[str, BucketSpec] = {}
-    for h in held:
-        out[h.bucket.key] = h.bucket
-        if h.lender is not None:
-            out[h.lender.key] = h.lender
-    return out
+def bucket_keys(items: Sequence[Charge] | Sequence[Held]) -> list[str]:
+    """The keys of the buckets that charges (or what a reservation holds) touch.
+
+    Each item's bucket, then its lender's; every key once, in first-seen order.
+    """
+    if len(items) == 1 and items[0].lender is None:  # the common case
+        return [items[0].bucket.key]
+    keys: dict[str, None] = {}
+    for item in items:
+        keys[item.bucket.key] = None
+        if item.lender is not None:
+            keys[item.lender.key] = None
+    return list(keys)

@@ -67,6 +67,7 @@ from budgetguard.stores.base import (
     _current_period,
     apply_reserve,
     apply_settle,
+    bucket_keys,
     refresh,
 )
 
@@ -254,27 +255,6 @@ def _decode_held(text: str) -> list[Held]:
             )
         )
     return out
-
-
-def _held_keys(held: Iterable[Held]) -> list[str]:
-    keys: dict[str, None] = {}
-    for h in held:
-        keys[h.bucket.key] = None
-        if h.lender is not None:
-            keys[h.lender.key] = None
-    return list(keys)
-
-
-def _request_keys(request: ReserveRequest) -> list[str]:
-    charges = request.charges
-    if len(charges) == 1 and charges[0].lender is None:
-        return [charges[0].bucket.key]
-    keys: dict[str, None] = {}
-    for charge in charges:
-        keys[charge.bucket.key] = None
-        if charge.lender is not None:
-            keys[charge.lender.key] = None
-    return list(keys)
 
 
 class _Local(threading.local):
@@ -612,7 +592,7 @@ class SQLiteStore:
         self, cursor: sqlite3.Cursor, now: float, leases: list[tuple[str, list[Held], str]], buckets: Buckets
     ) -> tuple[ExpiredLease, ...]:
         """Charge ``leases`` at their reserved amounts and delete them."""
-        self._load(cursor, {k: None for _, held, _ in leases for k in _held_keys(held)}, buckets)
+        self._load(cursor, {k: None for _, held, _ in leases for k in bucket_keys(held)}, buckets)
         touched: dict[str, BucketState] = {}
         get = self._getter(buckets, touched, now)
         expired = tuple(ExpiredLease(rid, apply_settle(get, held, None), meta) for rid, held, meta in leases)
@@ -659,7 +639,7 @@ class SQLiteStore:
 
     def _reserve_any(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
-        keys = _request_keys(request)
+        keys = bucket_keys(request.charges)
         has_meta, next_expiry = self._load_with_next_expiry(cursor, keys, buckets)
         expired: tuple[ExpiredLease, ...] = ()
         if not has_meta or (next_expiry is not None and next_expiry <= now):
@@ -722,7 +702,7 @@ class SQLiteStore:
         buckets: Buckets = {}
         if first_key is not None:
             buckets[first_key] = None if level is None else BucketState(level, updated_at, period_start, spent)
-        self._load(cursor, _held_keys(held), buckets)
+        self._load(cursor, bucket_keys(held), buckets)
         touched: dict[str, BucketState] = {}
         apply_settle(self._getter(buckets, touched, now), held, actuals)
         self._save(cursor, touched)
