@@ -7,6 +7,7 @@ The hierarchy::
     │   └── ContextWindowExceeded    prompt + output cap do not fit the model's window
     ├── ConfigurationError           budgets, guard or pricing set up wrongly (also a ValueError)
     │   ├── MissingScopeError        a per-key budget found no value for its key
+    │   ├── InvalidScopeError        a scope value is not a string, an integer or a UUID
     │   └── UnknownModelError        a USD budget met a model with no price
     ├── EstimationError              a call's input cannot be counted (unknown content part)
     ├── UsageError                   a model reported malformed usage
@@ -26,6 +27,7 @@ __all__ = [
     "ConfigurationError",
     "ContextWindowExceeded",
     "EstimationError",
+    "InvalidScopeError",
     "MissingScopeError",
     "StoreUnavailable",
     "UnknownModelError",
@@ -147,6 +149,10 @@ class ConfigurationError(BudgetGuardError, ValueError):
 
 class MissingScopeError(ConfigurationError):
     """A per-key budget found no value for its key in the run's config."""
+
+
+class InvalidScopeError(ConfigurationError):
+    """A scope value is not a string, an integer or a UUID (e.g. a dict); nothing was sent."""
 
 
 class UnknownModelError(ConfigurationError):

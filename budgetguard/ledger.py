@@ -62,8 +62,9 @@ __all__ = [
 
 logger = logging.getLogger("budgetguard.ledger")
 
-OUTCOMES: tuple[str, ...] = ("ok", "denied", "fell_back", "compressed", "error", "expired")
-"""The outcomes the guard records. ``denied``/``error`` are counted in query rows."""
+OUTCOMES: tuple[str, ...] = ("ok", "denied", "fell_back", "compressed", "cached", "cancelled", "error", "expired")
+"""The outcomes the guard records (see :mod:`budgetguard.settlement`). ``denied``/``error``
+are counted in query rows."""
 
 LEDGER_ENV = "BUDGETGUARD_LEDGER"
 

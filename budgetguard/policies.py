@@ -17,9 +17,9 @@ changed call, so every policy works unchanged in sync and async code. The change
 is estimated and reserved again; nothing is sent until a reservation succeeds.
 
 Policies that change the request (``rewrites = True``: cap, cheaper model, compress) act
-where the guard sends the call itself, in its model wrapper (:mod:`budgetguard.model`,
-which ``guard | chain`` puts around every chat model it can reach). Models it cannot
-reach are still metered; for them only :class:`wait_for_refill` applies.
+where the guard sends the call itself: in the metered copy of every chat model it can
+reach (:mod:`budgetguard.metered`) and in the agent middleware. Models it cannot reach are
+still metered, through callbacks; for them only :class:`wait_for_refill` applies.
 """
 
 from __future__ import annotations
@@ -27,19 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, get_buffer_string, trim_messages
 
 from budgetguard.errors import ConfigurationError, ContextWindowExceeded
-from budgetguard.flow import Flow, Invoke, Peek, Sleep
+from budgetguard.flow import Flow, Invoke, OverflowPolicy, Peek, PolicyContext, Sleep
 from budgetguard.tickets import flat_scope
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
 
     from budgetguard.errors import BudgetExceeded
-    from budgetguard.guard import BudgetGuard
     from budgetguard.tickets import Call
 
 __all__ = ["OverflowPolicy", "cap_output", "cheaper_model", "compress_prompt", "wait_for_refill"]
@@ -47,30 +46,7 @@ __all__ = ["OverflowPolicy", "cap_output", "cheaper_model", "compress_prompt", "
 _CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_new_tokens", "num_predict")
 
 
-class OverflowPolicy:
-    """Base of the overflow policies.
-
-    Attributes:
-        name: How the policy is named in errors, traces and the ledger.
-        rewrites: Whether it changes the request (only the model wrapper can send that).
-        retries: Whether the guard may offer it the same call again after it acted.
-    """
-
-    name: ClassVar[str] = "policy"
-    rewrites: ClassVar[bool] = True
-    retries: ClassVar[bool] = False
-
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
-        """Return a changed call to reserve instead, or ``None`` to decline."""
-        raise NotImplementedError
-        yield  # pragma: no cover  (makes this a generator)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
-
-
-def headroom(call: Call, guard: BudgetGuard) -> Flow[tuple[float, float]]:
+def headroom(call: Call, guard: PolicyContext) -> Flow[tuple[float, float]]:
     """What the budgets can afford for ``call``: (max output tokens, max input tokens).
 
     Each is computed holding the other part of the call fixed, over every budget the
@@ -133,7 +109,7 @@ class cap_output(OverflowPolicy):  # noqa: N801  (reads like a function, as tena
             raise ConfigurationError(msg)
         self.min_output_tokens = min_output_tokens
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Propose the largest affordable cap of at least ``min_output_tokens``."""
         est = call.estimate
         limit = math.inf
@@ -199,7 +175,7 @@ class cheaper_model(OverflowPolicy):  # noqa: N801
         keys = [k for k in self.ladder if model == k or model.startswith(k)]
         return self.ladder[max(keys, key=len)] if keys else []
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Propose the first rung that fits the window and that every budget can cover."""
         requested = call.model_requested or call.model
         for rung in self.rungs(call.model):
@@ -251,7 +227,7 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
         self.summarizer = summarizer
         self.summary_max_tokens = summary_max_tokens
 
-    def _target(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[float]:
+    def _target(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[float]:
         est = call.estimate
         target = math.inf
         window = guard.prices.context_window(call.model)
@@ -262,7 +238,7 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
             target = min(target, max_in)
         return target
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Propose the compressed conversation, re-estimated."""
         messages = call.messages
         if not messages:
@@ -300,7 +276,7 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
     @staticmethod
     def _trim(
         call: Call,
-        guard: BudgetGuard,
+        guard: PolicyContext,
         system: list[BaseMessage],
         older: list[BaseMessage],
         latest: list[BaseMessage],
@@ -367,7 +343,7 @@ class wait_for_refill(OverflowPolicy):  # noqa: N801
             raise ConfigurationError(msg)
         self.max_wait = float(max_wait)
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Sleep for the computed refill time, then propose the same call."""
         wait = error.retry_after
         if isinstance(error, ContextWindowExceeded) or wait is None or call.waited + wait > self.max_wait:

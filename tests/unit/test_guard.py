@@ -12,7 +12,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 
-import budgetguard.metered
+import budgetguard.lcel
 from budgetguard import (
     Budget,
     BudgetExceeded,
@@ -31,7 +31,7 @@ from budgetguard.testing.fake_models import UsageFakeChatModel, UsageFakeLLM
 def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs with the models metered in place and through the callback meters."""
     if request.param == "callbacks":
-        monkeypatch.setattr(budgetguard.metered, "meter_in_place", lambda runnable, guard: None)
+        monkeypatch.setattr(budgetguard.lcel, "reach_models", lambda runnable, engine: runnable)
     return str(request.param)
 
 
@@ -53,7 +53,7 @@ def test_guard_or_chain_returns_a_runnable_like_the_chain(metering: str) -> None
     guard = BudgetGuard([Budget("g", limit=1000)])
     chain = PROMPT | model() | StrOutputParser()
     guarded = guard | chain
-    assert guarded.in_place is (metering == "in-place")  # the fixture's switch really switches
+    assert guarded.covered is (metering == "in-place")  # the fixture's switch really switches
     assert guarded.get_name() == chain.get_name()
     assert guarded.get_input_jsonschema() == chain.get_input_jsonschema()
     assert guarded.get_output_jsonschema() == chain.get_output_jsonschema()
@@ -374,14 +374,14 @@ def test_tickets_and_calls_copy_and_pickle() -> None:
 
     from langchain_core.messages import HumanMessage
 
-    from budgetguard.meter import build_call
+    from budgetguard.settlement import Ending
 
     guard = BudgetGuard(
         [Budget("g", limit=1000), Budget("u", limit=50, per="user_id", borrow_from="pool"), Budget("pool", limit=99)],
         ledger=False,
     )
-    call = build_call(
-        guard, run_id=uuid.uuid4(), model="gpt-4o-mini", params={"max_tokens": 5}, messages=[HumanMessage("hi")],
+    call = guard.new_call(
+        run_id=uuid.uuid4(), model="gpt-4o-mini", params={"max_tokens": 5}, messages=[HumanMessage("hi")],
         prompts=None, scopes=guard.scopes_for(ALICE), tags=None, metadata=None, parent_run_id=None, root_run_id=None,
     )  # fmt: skip
     ticket = guard.reserve(call)
@@ -390,4 +390,5 @@ def test_tickets_and_calls_copy_and_pickle() -> None:
         fields = dataclasses.asdict(record)
         assert dataclasses.asdict(pickle.loads(pickle.dumps(record))) == fields
         assert dataclasses.asdict(copy.deepcopy(record)) == fields
-    guard.settle(ticket, None, outcome="ok")
+    guard.end(ticket, Ending(None, RuntimeError("not sent"), sent=False))
+    assert guard.store.open_reservations() == 0

@@ -27,9 +27,9 @@ def test_a_chain_it_sees_through_gets_no_callback_meters() -> None:
     guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
     llm = model()
     chain = guard | (RunnablePassthrough.assign(q=lambda x: x["q"]).pick("q") | (lambda q: {"q": q}) | PROMPT | llm)
-    assert not chain.in_place  # lambdas could call a model the guard cannot see
+    assert not chain.covered  # lambdas could call a model the guard cannot see
     chain = guard | (RunnableParallel(a=PROMPT | llm, b=PROMPT | llm) | RunnablePassthrough())
-    assert chain.in_place
+    assert chain.covered
     config = chain._merge_configs({"configurable": {}})
     assert not config.get("callbacks")  # nothing for LangChain to dispatch to
 
@@ -55,7 +55,7 @@ def test_the_metered_copy_is_still_the_models_class_and_the_original_is_untouche
 def test_tools_and_structured_output_bind_on_the_metered_copy() -> None:
     guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
     chain = guard | (PROMPT | model(input_tokens=10).bind(stop=["\n"]))
-    assert chain.in_place
+    assert chain.covered
     assert chain.invoke({"q": "hi"}).content == "one two three"
     assert guard.remaining("g") == 1000 - 13
 
@@ -72,8 +72,8 @@ def test_nested_guards_each_charge_their_own_budgets() -> None:
     inner = BudgetGuard([Budget("team", limit=1000, per="team")], ledger=False)
     outer = BudgetGuard([Budget("org", limit=5000)], ledger=False)
     chain = outer | (inner | (PROMPT | model(input_tokens=10)))
-    assert not chain.in_place  # the inner guard is opaque to the outer one: callbacks there
-    assert chain.bound.in_place
+    assert not chain.covered  # the inner guard is opaque to the outer one: callbacks there
+    assert chain.bound.covered
     chain.invoke({"q": "hi"}, {"configurable": {"team": "red"}})
     assert (inner.remaining("team", team="red"), outer.remaining("org")) == (1000 - 13, 5000 - 13)
 
@@ -104,7 +104,7 @@ def test_a_failed_call_releases_its_reservation() -> None:
 def test_stream_events_v3_is_metered_through_the_callback_meters() -> None:
     guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
     chain = guard | model(input_tokens=10)
-    assert chain.in_place
+    assert metered_by(chain) is guard  # guard | chat_model is the model's metered copy
     stream = chain.stream_events("hi", version="v3")
     assert "one two three" in str(stream.output.content)
     assert guard.remaining("g") == 1000 - 13
@@ -124,7 +124,7 @@ def test_a_lambda_calling_a_model_still_gets_metered_through_callbacks() -> None
     guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
     llm = model(input_tokens=10)
     chain = guard | (PROMPT | RunnableLambda(lambda p, config: llm.invoke(p, config)))
-    assert not chain.in_place
+    assert not chain.covered
     chain.invoke({"q": "hi"})
     assert guard.remaining("g") == 1000 - 13
 
