@@ -40,7 +40,7 @@ from langchain_core.utils.uuid import uuid7
 
 from budgetguard.errors import BudgetExceeded, ConfigurationError
 from budgetguard.estimate import CallShape, model_from_params
-from budgetguard.sending import SENDING, Sending, SendGate
+from budgetguard.sending import SENDING, Sending, SendGate, sent_by
 from budgetguard.settlement import Ending
 
 if TYPE_CHECKING:
@@ -170,8 +170,19 @@ class _MeteredCalls:
             raise
         await engine.aend(ticket, Ending(received))
 
-    # The beta ``version="v3"`` event stream drives the model's internals directly: it is
-    # metered for that one call by the callback meters.
+    # Entry points below the four call styles: LangChain's legacy ``generate`` (called
+    # directly, not from ``invoke``) and the beta ``version="v3"`` event stream drive the
+    # model's internals without them, so those calls are metered by the callback meters.
+
+    def generate(self, messages: Any, stop: Any = None, callbacks: Any = None, **kwargs: Any) -> Any:
+        if not sent_by(metered_by(self)):
+            callbacks = _with_meters(self, {"callbacks": callbacks})["callbacks"]
+        return super().generate(messages, stop, callbacks, **kwargs)  # type: ignore[misc]
+
+    async def agenerate(self, messages: Any, stop: Any = None, callbacks: Any = None, **kwargs: Any) -> Any:
+        if not sent_by(metered_by(self)):
+            callbacks = _with_meters(self, {"callbacks": callbacks})["callbacks"]
+        return await super().agenerate(messages, stop, callbacks, **kwargs)  # type: ignore[misc]
 
     def stream_events(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         if kwargs.get("version") == "v3":
@@ -184,7 +195,8 @@ class _MeteredCalls:
         return super().astream_events(input, config, **kwargs)  # type: ignore[misc]
 
 
-def _with_meters(model: Any, config: RunnableConfig | None) -> RunnableConfig:
+def _with_meters(model: Any, config: Any) -> RunnableConfig:
+    """``config`` (with the config of the runnable calling us) plus this guard's callback meters."""
     from budgetguard.meter import attach_meters
 
     engine = metered_by(model)

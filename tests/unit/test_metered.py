@@ -153,3 +153,15 @@ def test_a_copy_works_out_its_parameters_once_and_bound_arguments_every_call(tmp
     del chain, copy
     gc.collect()
     assert key not in metered._SHAPES  # dropped with its model
+
+
+async def test_generate_called_directly_on_a_metered_copy_is_still_metered() -> None:
+    from langchain_core.messages import HumanMessage
+
+    guard = BudgetGuard([Budget("g", limit=1000)], ledger=False)
+    copy = guard.model(model(input_tokens=10))
+    copy.generate([[HumanMessage("hi")]])
+    await copy.agenerate([[HumanMessage("hi")]])
+    copy.invoke("hi")  # through invoke: metered once, not twice
+    assert guard.remaining("g") == 1000 - 3 * 13
+    assert guard.store.open_reservations() == 0
