@@ -18,11 +18,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budgetguard.errors import ConfigurationError, InvalidScopeError, MissingScopeError
 
-__all__ = ["PERIODS", "UNITS", "Budget", "BudgetSpecKey", "Period", "Unit"]
+__all__ = ["MODEL_UNITS", "PERIODS", "RUN_SCOPE", "UNITS", "Budget", "BudgetSpecKey", "Period", "Unit"]
 
-Unit = Literal["tokens", "usd"]
+Unit = Literal["tokens", "usd", "calls", "tool_calls"]
 Period = Literal["minute", "hour", "day", "week", "month"]
-UNITS: tuple[str, ...] = ("tokens", "usd")
+UNITS: tuple[str, ...] = ("tokens", "usd", "calls", "tool_calls")
+MODEL_UNITS: tuple[str, ...] = ("tokens", "usd", "calls")
+"""Units charged by model calls (``tool_calls`` budgets are charged by tool calls)."""
+RUN_SCOPE = "run"
+"""The scope name ``per="run"`` budgets use: one bucket per run (an agent invocation, or one
+invocation of a guarded runnable)."""
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "week", "month")
 
 ScopeFn = Callable[[Mapping[str, Any]], Any]
@@ -67,14 +72,18 @@ class Budget:
     Args:
         name: Unique name; it appears in errors, the ledger and store keys.
         limit: Capacity of each bucket, in ``unit``. Buckets start full.
-        unit: ``"tokens"`` (input + output tokens) or ``"usd"`` (priced per model).
+        unit: ``"tokens"`` (input + output tokens), ``"usd"`` (priced per model),
+            ``"calls"`` (one per model call) or ``"tool_calls"`` (one per tool call an
+            agent makes, through :meth:`~budgetguard.guard.BudgetGuard.middleware`). A model
+            call is charged to every budget of the first three units, all or nothing.
         per: ``None`` for one bucket shared by every call (a global budget, or a pool
             when several guards or processes name it); a key such as ``"user_id"`` for
             one bucket per value, read from ``config["configurable"]`` then
             ``config["metadata"]``; or ``(name, fn)``, a scope name and a function
             ``config -> value`` computing the value (a named function alone is named
             after itself). Scope values are strings, integers or UUIDs, and are kept
-            as text (``42`` and ``"42"`` are the same bucket).
+            as text (``42`` and ``"42"`` are the same bucket). ``per="run"`` keeps one
+            bucket per run: one agent invocation, or one invocation of a guarded runnable.
         period: ``"minute"``, ``"hour"``, ``"day"``, ``"week"`` (ISO, Monday) or
             ``"month"``: the bucket resets to full at each calendar boundary.
         refill_per_second: Continuous refill rate, in ``unit`` per second, up to ``limit``.
@@ -82,6 +91,7 @@ class Budget:
             this budget's shortfall in the same atomic reservation. A budget that is
             borrowed from is a *lending pool*: it is charged only for what borrowers take.
         timezone: Timezone of the calendar period (IANA name or ``tzinfo``); UTC by default.
+        tool: For a ``"tool_calls"`` budget, the one tool it counts (``None``: every tool).
 
     Example:
         >>> Budget("per-user", limit=20_000, per="user_id", period="day").scope_name
@@ -97,6 +107,7 @@ class Budget:
     refill_per_second: float = 0.0
     borrow_from: str | None = None
     timezone: str | tzinfo | None = None
+    tool: str | None = None
     _tz: tzinfo = field(init=False, repr=False)
     _bounds: list[float] = field(init=False, repr=False)
     _scope_name: str | None = field(init=False, repr=False)
@@ -115,6 +126,9 @@ class Budget:
         if self.period is not None and self.period not in PERIODS:
             msg = f"budget '{self.name}': unknown period {self.period!r}; use one of {', '.join(PERIODS)}"
             raise ConfigurationError(msg)
+        if self.tool is not None and (self.unit != "tool_calls" or not isinstance(self.tool, str) or not self.tool):
+            msg = f"budget '{self.name}': tool= names the tool a unit='tool_calls' budget counts, got {self.tool!r}"
+            raise ConfigurationError(msg)
         name, fn = _scope_rule(self.name, self.per)
         object.__setattr__(self, "_scope_name", name)
         object.__setattr__(self, "_scope_fn", fn)
@@ -131,8 +145,12 @@ class Budget:
         """The scope key this budget is split by (``None`` for a global budget)."""
         return self._scope_name
 
-    def scope_for(self, config: Mapping[str, Any]) -> dict[str, str]:
+    def scope_for(self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Return this budget's scope for a run config, e.g. ``{"user_id": "alice"}``.
+
+        A named key is looked up in ``context`` first (what the adapter knows of the run: its
+        id as ``"run"``, an agent's runtime context), then ``config["configurable"]``, then
+        ``config["metadata"]``.
 
         Raises:
             MissingScopeError: The budget is per-key and the config names no value for it.
@@ -152,7 +170,9 @@ class Budget:
                 )
                 raise MissingScopeError(msg) from exc
         else:
-            value = (config.get("configurable") or {}).get(key)
+            value = context.get(key) if context else None
+            if value is None:
+                value = (config.get("configurable") or {}).get(key)
             if value is None:
                 value = (config.get("metadata") or {}).get(key)
         if value is None or value == "":

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
-from budgetguard.budgets import Budget
+from budgetguard.budgets import MODEL_UNITS, RUN_SCOPE, Budget
 from budgetguard.clock import Clock, SystemClock
 from budgetguard.errors import BudgetExceeded, ConfigurationError, ContextWindowExceeded, StoreUnavailable
 from budgetguard.estimate import CallShape, TokenEstimator
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from langchain_core.runnables import Runnable
 
     from budgetguard.stores.base import Denial
-    from budgetguard.usage import Usage
 
 __all__ = ["BudgetEngine"]
 
@@ -78,7 +77,9 @@ class BudgetEngine:
         self.clock: Clock = clock or SystemClock()
         self.budgets: dict[str, Budget] = _validate_budgets(budgets)
         self._lenders = {b.borrow_from for b in self.budgets.values() if b.borrow_from}
-        self._charged = tuple(b for b in self.budgets.values() if b.name not in self._lenders)
+        charged = [b for b in self.budgets.values() if b.name not in self._lenders]
+        self._charged = tuple(b for b in charged if b.unit in MODEL_UNITS)
+        self._tool_budgets = tuple(b for b in charged if b.unit == "tool_calls")
         self._per_key = tuple(b for b in self.budgets.values() if b.per is not None)
         if not (isinstance(lease_seconds, (int, float)) and math.isfinite(lease_seconds) and lease_seconds > 0):
             msg = f"lease_seconds must be a positive number of seconds, got {lease_seconds!r}"
@@ -113,14 +114,23 @@ class BudgetEngine:
 
     # -- scopes and queries ------------------------------------------------------------
 
-    def scopes_for(self, config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-        """Resolve the scope of every per-key budget from a run config (global ones have none).
+    def scopes_for(
+        self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None, *, run: Any = None
+    ) -> dict[str, dict[str, str]]:
+        """Resolve the scope of every per-key budget (global ones have none).
+
+        Args:
+            config: The run config (``configurable``, then ``metadata``).
+            context: Values looked up first (an agent's runtime context).
+            run: The run's id, for ``per="run"`` budgets.
 
         Raises:
-            MissingScopeError: A per-key budget has no value in the config.
+            MissingScopeError: A per-key budget has no value for its key.
             InvalidScopeError: A scope value is not a string, an integer or a UUID.
         """
-        return {b.name: b.scope_for(config) for b in self._per_key}
+        if run is not None:
+            context = {**(context or {}), RUN_SCOPE: run}
+        return {b.name: b.scope_for(config, context) for b in self._per_key}
 
     def _spec(self, budget: Budget, scope: Mapping[str, str], now: float | None = None) -> BucketSpec:
         """The bucket of ``budget`` for ``scope``, as of ``now`` (kept until its period ends)."""
@@ -215,15 +225,27 @@ class BudgetEngine:
         if now is None:
             now = self.clock.now()
         est = call.estimate
-        tokens = float(est.input_tokens + est.output_tokens)
-        usd = self.price(call.model, est.input_tokens, est.output_tokens) if self._uses_usd else 0.0
-        scopes, spec, budgets = call.scopes, self._spec, self.budgets
+        amounts = {
+            "tokens": float(est.input_tokens + est.output_tokens),
+            "usd": self.price(call.model, est.input_tokens, est.output_tokens) if self._uses_usd else 0.0,
+            "calls": 1.0,
+        }
+        return self._lines(self._charged, call.scopes, amounts, now)
+
+    def tool_lines(self, tool: str, scopes: Mapping[str, Mapping[str, str]], now: float | None = None) -> tuple[Line, ...]:
+        """What each ``"tool_calls"`` budget counting ``tool`` would hold for one call of it."""
+        budgets = [b for b in self._tool_budgets if b.tool in (None, tool)]
+        return self._lines(budgets, scopes, {"tool_calls": 1.0}, self.clock.now() if now is None else now)
+
+    def _lines(
+        self, budgets: Iterable[Budget], scopes: Mapping[str, Mapping[str, str]], amounts: Mapping[str, float], now: float
+    ) -> tuple[Line, ...]:
+        spec, all_budgets = self._spec, self.budgets
         lines = []
-        for b in self._charged:
+        for b in budgets:
             scope = scopes.get(b.name) or {}
-            lender = spec(budgets[b.borrow_from], {}, now) if b.borrow_from else None
-            amount = usd if b.unit == "usd" else tokens
-            lines.append(Line(spec(b, scope, now), amount, lender, budget=b, scope=scope))
+            lender = spec(all_budgets[b.borrow_from], {}, now) if b.borrow_from else None
+            lines.append(Line(spec(b, scope, now), amounts[b.unit], lender, budget=b, scope=scope))
         return tuple(lines)
 
     @staticmethod
@@ -258,7 +280,7 @@ class BudgetEngine:
             ),
         )
 
-    def denial_error(self, call: Call, lines: Sequence[Line], denial: Denial) -> BudgetExceeded:
+    def denial_error(self, model: str | None, lines: Sequence[Line], denial: Denial) -> BudgetExceeded:
         """Turn a store's denial into the user-facing error."""
         line = lines[denial.index]
         return BudgetExceeded(
@@ -268,7 +290,7 @@ class BudgetEngine:
             requested=denial.requested,
             available=denial.available,
             retry_after=denial.retry_after,
-            model=call.model,
+            model=model,
         )
 
     def wrap(self, runnable: Any) -> Runnable[Any, Any]:
@@ -314,7 +336,7 @@ class BudgetEngine:
                 if result.ok:
                     return ticket
                 assert result.denial is not None
-                error = self.denial_error(call, lines, result.denial)
+                error = self.denial_error(call.model, lines, result.denial)
             # Each policy gets one chance per call, in the user's order; a policy that
             # changes the call sends the changed call round the loop again.
             changed: Call | None = None
@@ -350,6 +372,29 @@ class BudgetEngine:
         """A ticket for a call that holds nothing (one LangChain's cache may answer)."""
         return Ticket(call, (), self.clock.now(), held=False)
 
+    # -- tool calls (counted, not priced: no policies, no ledger) ----------------------
+
+    def hold_flow(self, hold_id: str, lines: Sequence[Line], what: str) -> Flow[None]:
+        """Reserve ``lines`` exactly as they are, or raise ``BudgetExceeded`` naming ``what``."""
+        result = yield Reserve(ReserveRequest(hold_id, tuple(lines), self.lease_seconds))
+        if result.expired:
+            self.on_expired(result.expired)
+        if not result.ok:
+            assert result.denial is not None
+            error = self.denial_error(what, lines, result.denial)
+            logger.info("budgetguard: denied %s: %s", what, error)
+            if self.alerts is not None:
+                self.alerts.denied(error)
+            raise error
+
+    def hold(self, hold_id: str, lines: Sequence[Line], what: str) -> None:
+        """Run :meth:`hold_flow` with blocking calls."""
+        drive(self.hold_flow(hold_id, lines, what), self.store, self.clock)
+
+    async def ahold(self, hold_id: str, lines: Sequence[Line], what: str) -> None:
+        """Run :meth:`hold_flow` with awaits."""
+        await adrive(self.hold_flow(hold_id, lines, what), self.store, self.clock)
+
     # -- settlement --------------------------------------------------------------------
 
     def _settlement(self, ticket: Ticket, ending: Ending) -> tuple[Settlement, tuple[float, ...]] | None:
@@ -360,9 +405,7 @@ class BudgetEngine:
         settled = settle_rule(ticket, ending, self.estimator.count_text, self.interrupted)  # type: ignore[arg-type]
         if ending.error is None:
             describe(ticket, ending.response, settled.usage)
-        usage = settled.usage
-        actuals = self.actuals(ticket, usage) if usage is not None else tuple(0.0 for _ in ticket.lines)
-        return settled, actuals
+        return settled, self.actuals(ticket, settled)
 
     def end(self, ticket: Ticket, ending: Ending) -> None:
         """Settle a call that ended, once, by the one rule, and record it.
@@ -389,17 +432,26 @@ class BudgetEngine:
             await self.store.asettle(ticket.id, actuals)
         self.after_settle(ticket, settled, actuals, ending.error)
 
-    def actuals(self, ticket: Ticket, usage: Usage) -> tuple[float, ...]:
-        """What the call really cost, per line of the ticket, in each budget's unit."""
+    def actuals(self, ticket: Ticket, settled: Settlement) -> tuple[float, ...]:
+        """What the call really cost, per line of the ticket, in each budget's unit.
+
+        Released calls cost nothing; a call answered from the cache is not a model call.
+        """
+        usage = settled.usage
+        if usage is None:
+            return tuple(0.0 for _ in ticket.lines)
         out = []
         usd: float | None = None
         for ln in ticket.lines:
-            if ln.budget.unit == "usd":
+            unit = ln.budget.unit
+            if unit == "usd":
                 if usd is None:
                     usd = self.price(
                         ticket.call.model, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens
                     )
                 out.append(usd)
+            elif unit == "calls":
+                out.append(0.0 if settled.outcome == "cached" else 1.0)
             else:
                 out.append(float(usage.input_tokens + usage.output_tokens))
         return tuple(out)

@@ -39,10 +39,14 @@ class BudgetGuardError(Exception):
     """Base class of every error budgetguard raises."""
 
 
+_UNIT_NOUNS = {"tokens": "tokens", "calls": "model calls", "tool_calls": "tool calls"}
+
+
 def _fmt_amount(amount: float, unit: str) -> str:
     if unit == "usd":
         return f"${amount:,.4f}" if abs(amount) < 1 else f"${amount:,.2f}"
-    return f"{math.ceil(amount):,} tokens" if amount >= 0 else f"{math.floor(amount):,} tokens"
+    noun = _UNIT_NOUNS.get(unit, unit)
+    return f"{math.ceil(amount):,} {noun}" if amount >= 0 else f"{math.floor(amount):,} {noun}"
 
 
 def _fmt_scope(scope: dict[str, Any] | None) -> str:
@@ -58,7 +62,7 @@ class BudgetExceeded(BudgetGuardError):
         budget: Name of the budget that could not cover the call.
         scope: The scope values of that budget's bucket, e.g. ``{"user_id": "alice"}``;
             empty for a global or pooled budget.
-        unit: ``"tokens"`` or ``"usd"``.
+        unit: ``"tokens"``, ``"usd"``, ``"calls"`` or ``"tool_calls"``.
         requested: What the call needed, in ``unit``.
         available: What the bucket held when the call was refused, in ``unit``.
         retry_after: Seconds until refills or a period reset cover the call, computed

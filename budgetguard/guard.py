@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from budgetguard.engine import BudgetEngine
+from budgetguard.errors import ConfigurationError
 from budgetguard.lcel import GuardedRunnable, guard_runnable
 from budgetguard.metered import metered_copy
 
@@ -130,3 +131,28 @@ class BudgetGuard(BudgetEngine):
             ConfigurationError: ``llm`` is already metered by another guard.
         """
         return metered_copy(llm, self)
+
+    def middleware(self, *, on_denied: str = "raise", denial_message: Any = None) -> Any:
+        """Agent middleware for LangChain's ``create_agent``: every model call of the loop
+        estimated, reserved (overflow policies included) and settled; tool-call budgets.
+
+        Needs ``langchain`` 1.x (``pip install budgetguard[agents]``). See
+        :mod:`budgetguard.middleware`.
+
+        Args:
+            on_denied: ``"raise"`` (default) raises ``BudgetExceeded``; ``"end"`` ends the
+                run with an ``AIMessage`` saying which budget and when it refills.
+            denial_message: ``error -> str``, the text of that message.
+
+        Raises:
+            ConfigurationError: ``langchain`` is not installed, or a bad setting.
+
+        Example:
+            >>> # agent = create_agent(llm, tools, middleware=[guard.middleware(on_denied="end")])
+        """
+        try:
+            from budgetguard.middleware import BudgetMiddleware
+        except ImportError as exc:
+            msg = f"guard.middleware() needs LangChain 1.x agents: pip install 'budgetguard[agents]' ({exc})"
+            raise ConfigurationError(msg) from exc
+        return BudgetMiddleware(self, on_denied=on_denied, denial_message=denial_message)  # type: ignore[arg-type]

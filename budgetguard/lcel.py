@@ -169,6 +169,11 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
         """Like :meth:`__or__`: the steps piped in are guarded too."""
         return guard_runnable(self.guard, self.bound.pipe(*others, name=name))
 
+    @override
+    def get_graph(self, config: RunnableConfig | None = None) -> Any:
+        """The wrapped runnable's graph (drawing it runs nothing, so it needs no scopes)."""
+        return self.bound.get_graph(config)
+
     @classmethod
     @override
     def is_lc_serializable(cls) -> bool:
@@ -181,10 +186,10 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
 
 def _pass_scopes(engine: BudgetEngine, config: RunnableConfig) -> None:
     """Resolve the invocation's scopes once and hand them to the metered copies inside."""
-    scopes = engine.scopes_for(config)
     root = config.get("run_id")
     if root is None:
         root = config["run_id"] = uuid7()  # the guarded run's id, so the ledger can group its calls
+    scopes = engine.scopes_for(config, run=root)
     configurable = config.get("configurable") or {}
     mine = {engine.uid: (scopes, root)}
     outer = configurable.get(SCOPES_KEY)

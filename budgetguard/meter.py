@@ -50,6 +50,7 @@ from langchain_core.outputs import LLMResult
 
 from budgetguard.errors import BudgetGuardError
 from budgetguard.estimate import model_from_params
+from budgetguard.runtime_context import runtime_context
 from budgetguard.sending import sent_by
 from budgetguard.settlement import Ending
 
@@ -78,7 +79,8 @@ class Invocation:
 
     def __init__(self, engine: BudgetEngine, config: Mapping[str, Any]) -> None:
         self.engine = engine
-        self.scopes = engine.scopes_for(config)  # raises MissingScopeError before any call
+        # raises MissingScopeError before any call; "run" is the guarded invocation's run
+        self.scopes = engine.scopes_for(config, runtime_context(config), run=config.get("run_id"))
         self.tickets: dict[UUID, Ticket] = {}
         self.claimed: set[UUID] = set()
         self.has_async = False

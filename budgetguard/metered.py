@@ -28,7 +28,8 @@ gate lets only a cached answer through. The run's scopes travel in the run confi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from weakref import ref
 
@@ -40,6 +41,7 @@ from langchain_core.utils.uuid import uuid7
 
 from budgetguard.errors import BudgetExceeded, ConfigurationError
 from budgetguard.estimate import CallShape, model_from_params
+from budgetguard.runtime_context import runtime_context
 from budgetguard.sending import SENDING, Sending, SendGate, sent_by
 from budgetguard.settlement import Ending
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from budgetguard.engine import BudgetEngine
     from budgetguard.tickets import Call, Ticket
 
-__all__ = ["SCOPES_KEY", "metered_by", "metered_copy"]
+__all__ = ["INVOCATION", "SCOPES_KEY", "metered_by", "metered_copy"]
 
 SCOPES_KEY = "__budgetguard_scopes"
 """``configurable`` key carrying a guarded invocation's scopes to the models it meters.
@@ -57,6 +59,10 @@ SCOPES_KEY = "__budgetguard_scopes"
 The value maps the guard's :attr:`~budgetguard.engine.BudgetEngine.uid` to
 ``(scopes, root_run_id)``, so nested guards never read each other's scopes.
 """
+
+INVOCATION: ContextVar[Mapping[str, tuple[Any, Any]]] = ContextVar("budgetguard_invocation", default={})  # noqa: B039
+"""The same mapping, for calls an adapter cannot hand a config to: the agent middleware sets
+it around the model call the agent makes (``model.invoke(messages)``, no config)."""
 
 _ENGINE_ATTR = "_budgetguard_engine"
 
@@ -202,6 +208,7 @@ def _with_meters(model: Any, config: Any) -> RunnableConfig:
     engine = metered_by(model)
     assert engine is not None
     config = ensure_config(config)
+    config.setdefault("run_id", uuid7())  # the call's own run (per="run" budgets)
     attach_meters(engine, config)
     return config
 
@@ -219,8 +226,10 @@ def _plan(model: Any, input: Any, config: RunnableConfig | None, stop: Any, kwar
     run_id = config.get("run_id")
     if run_id is None:  # name the model's run, so the ledger and the trace agree
         run_id = config["run_id"] = uuid7()
-    mine = (config.get("configurable") or {}).get(SCOPES_KEY, {}).get(engine.uid)
-    scopes, root = mine if mine is not None else (engine.scopes_for(config), None)
+    mine = (config.get("configurable") or {}).get(SCOPES_KEY, {}).get(engine.uid) or INVOCATION.get().get(engine.uid)
+    if mine is None:  # called on its own: this call is its run
+        mine = (engine.scopes_for(config, runtime_context(config), run=run_id), None)
+    scopes, root = mine
     params, name, shape = _shape(engine, model, stop, kwargs)
     call = engine.new_call(
         run_id=run_id,

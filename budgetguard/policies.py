@@ -50,7 +50,8 @@ def headroom(call: Call, guard: PolicyContext) -> Flow[tuple[float, float]]:
     """What the budgets can afford for ``call``: (max output tokens, max input tokens).
 
     Each is computed holding the other part of the call fixed, over every budget the
-    call is charged to (a borrower's lender included), in tokens.
+    call is charged to (a borrower's lender included), in tokens. A ``"calls"`` budget
+    that cannot cover one more call leaves room for nothing.
     """
     lines = guard.lines_for(call)
     levels = yield Peek(guard.specs_for(lines))
@@ -63,7 +64,10 @@ def headroom(call: Call, guard: PolicyContext) -> Flow[tuple[float, float]]:
         if ln.budget.borrow_from:
             avail += max(levels[i], 0.0)
             i += 1
-        if ln.budget.unit == "usd":
+        if ln.budget.unit == "calls":  # a call counts one whatever its size: no smaller call fits better
+            if avail < ln.amount:
+                max_out = max_in = -math.inf
+        elif ln.budget.unit == "usd":
             info = guard.prices.require_price(call.model)
             pin = info.input_cost_per_token or 0.0
             pout = info.output_cost_per_token or 0.0

@@ -39,6 +39,7 @@ bound when the call had an output cap.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -232,12 +233,16 @@ def _is_cache_hit(response: Response) -> bool:
 
 
 def _generated_text(response: Response) -> str:
+    """The text a model generated: its answer, and its tool calls' names and arguments as the
+    provider wrote them (the streamed chunks' raw JSON when there are chunks)."""
     parts: list[str] = []
     for text, message in _answers(response):
         if text:
             parts.append(text)
+        chunks = getattr(message, "tool_call_chunks", None)
+        if chunks:
+            parts.extend(str(tc.get("name") or "") + str(tc.get("args") or "") for tc in chunks)
+            continue
         for tc in getattr(message, "tool_calls", None) or ():
-            parts.append(str(tc.get("name", "")) + str(tc.get("args", "")))
-        for tc in getattr(message, "tool_call_chunks", None) or ():
-            parts.append(str(tc.get("name") or "") + str(tc.get("args") or ""))
+            parts.append(str(tc.get("name", "")) + json.dumps(tc.get("args", {}), ensure_ascii=False))
     return "".join(parts)
