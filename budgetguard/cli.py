@@ -1,4 +1,4 @@
-"""The ``budgetguard`` command: ``demo``, ``report`` and ``status``."""
+"""The ``budgetguard`` command: ``demo``, ``report``, ``status`` and ``prices``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``budgetguard`` command."""
+    from budgetguard.cli_prices import add_prices_parser
     from budgetguard.cli_report import add_report_parser
 
     parser = argparse.ArgumentParser(prog="budgetguard", description="Budgets for LangChain model calls.")
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what each budget has left, from the guard's store")
     status.add_argument("guard", help="MODULE:ATTRIBUTE of your BudgetGuard (or a function returning one)")
     status.add_argument("--scope", action="append", default=[], metavar="KEY=VALUE", help="e.g. user_id=alice")
+    add_prices_parser(sub)
     return parser
 
 
@@ -84,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from budgetguard.cli_report import run_report
 
         return run_report(args)
+    if args.command == "prices":
+        from budgetguard.cli_prices import run_prices
+
+        return run_prices(args)
     return _status(args)
 
 

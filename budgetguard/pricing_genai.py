@@ -33,7 +33,7 @@ from typing import Any
 
 from budgetguard.pricing import ModelInfo, PriceTier
 
-__all__ = ["SOURCE", "find"]
+__all__ = ["SOURCE", "find", "model_names"]
 
 try:
     SOURCE = f"genai-prices {version('genai-prices')}"
@@ -179,3 +179,16 @@ def find(model: str) -> ModelInfo | None:
             return _model_info(model, found.provider, found.model)
         return None  # found, but as another version: never price it as that one
     return None
+
+
+def model_names(providers: list[str]) -> list[str]:
+    """The current (not deprecated) models of some genai-prices providers, as ``provider/model``, sorted.
+
+    Args:
+        providers: genai-prices provider ids, e.g. ``["openai", "anthropic"]``.
+    """
+    from genai_prices.data_snapshot import get_snapshot
+
+    wanted = {p.lower() for p in providers}
+    return sorted(f"{p.id}/{m.id}" for p in get_snapshot().providers if p.id in wanted
+                  for m in p.models if not m.deprecated)
