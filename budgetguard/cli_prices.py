@@ -116,9 +116,9 @@ def _run(args: argparse.Namespace) -> int:
         try:
             print(format_model(name, table.require_price(name)))
         except UnknownModelError as exc:
-            info = table.get(name)
-            if info is not None:  # known, but not priced per token: still show what is known
-                print(format_model(name, info))
+            known = table.get(name)
+            if known is not None:  # known, but not priced per token: still show what is known
+                print(format_model(name, known))
             print(f"{PROG}: {exc}", file=sys.stderr)
             status = 1
     return status
