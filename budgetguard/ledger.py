@@ -539,7 +539,7 @@ class Ledger:
         """Sum calls, tokens and cost, grouped by one or more dimensions.
 
         Args:
-            by: Dimension name(s): ``"day"`` (UTC), ``"month"``, ``"model"`` (model used),
+            by: Dimension name(s): ``"day"`` (UTC), ``"month"``, ``"model"`` (model used; a denied call's requested model),
                 ``"model_requested"``, ``"outcome"``, ``"policy"``, ``"run"`` (root run, or
                 the call itself if it has none), ``"tag"``, ``"budget"``, ``"scope"`` (the
                 whole scope as ``"k=v,..."``), ``"scope:KEY"``, ``"meta:KEY"``; aliases
