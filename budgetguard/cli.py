@@ -30,10 +30,17 @@ def _load_guard(path: str) -> Any:
 
 def _status(args: argparse.Namespace) -> int:
     from budgetguard.errors import BudgetGuardError
+    from budgetguard.stores.memory import MemoryStore
 
     try:
         guard = _load_guard(args.guard)
         scope = dict(s.split("=", 1) for s in args.scope)
+        if isinstance(guard.store, MemoryStore):
+            # This process built its own, empty memory store: it cannot see what the app has spent.
+            print(f"budgetguard status: {args.guard} keeps its budgets in memory (the default store), so this "
+                  "command sees only its own, new store: every bucket below is as full as at start, whatever "
+                  "your application's processes have spent. To read live budgets from here, give the guard "
+                  "a shared store: store='sqlite:///budgets.db' or store='redis://host:6379/0'.", file=sys.stderr)
         print(f"{'budget':<16} {'scope':<22} {'remaining':>14} {'limit':>12}  next reset / refill")
         for budget in guard.budgets.values():
             key = budget.scope_name
