@@ -37,7 +37,7 @@ from budgetguard.flow import Flow, Reserve, adrive, drive
 from budgetguard.meter import meters_for
 from budgetguard.metered import SCOPES_KEY
 from budgetguard.pricing import PriceTable
-from budgetguard.stores import MemoryStore, Store, store_from_url
+from budgetguard.stores import Store, resolve_store
 from budgetguard.stores.base import BucketSpec, ExpiredLease, ReserveRequest
 from budgetguard.tickets import Call, Line, Ticket
 
@@ -112,9 +112,10 @@ class BudgetGuard:
         self._lenders = {b.borrow_from for b in self.budgets.values() if b.borrow_from}
         self._charged = tuple(b for b in self.budgets.values() if b.name not in self._lenders)
         self._per_key = tuple(b for b in self.budgets.values() if b.per is not None)
-        if isinstance(store, str):
-            store = store_from_url(store, clock=self.clock)
-        self.store: Store = store if store is not None else MemoryStore(clock=self.clock)
+        from budgetguard.ledger import check_ledger_path
+
+        check_ledger_path(ledger)  # before the store is built: a bad ledger path must leave no store file behind
+        self.store: Store = resolve_store(store, self.clock)
         self.prices = prices if prices is not None else PriceTable.bundled()
         self.estimator = estimator if estimator is not None else TokenEstimator()
         self.policies: tuple[OverflowPolicy, ...] = tuple(policies)
