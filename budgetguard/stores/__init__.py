@@ -90,10 +90,8 @@ def store_from_url(url: str, *, clock: Clock | None = None, **options: Any) -> S
         return SQLiteStore(path, clock=clock, **options)
     if scheme in ("redis", "rediss", "unix"):
         from budgetguard.stores.redis import RedisStore
-        from budgetguard.stores.redis_url import check_redis_url
 
-        check_redis_url(url)
-        return RedisStore(url, **options)
+        return RedisStore(url, **options)  # checks the URL first
     msg = f"unknown store scheme {scheme!r} in {url!r}; use memory://, sqlite:///path or redis://host:port/db"
     raise ConfigurationError(msg)
 

@@ -18,7 +18,7 @@ BUDGETS = [Budget("g", limit=1_000)]
 
 @pytest.fixture
 def no_redis_store(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records every RedisStore construction (a refused URL must not reach one)."""
+    """Records the URL of every RedisStore constructed; fails the test if one makes a client."""
     made: list[str] = []
     real = redis_store.RedisStore.__init__
 
@@ -26,7 +26,12 @@ def no_redis_store(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         made.append(str(url_or_client))
         real(self, url_or_client, **kw)
 
+    def no_client(*args: Any, **kw: Any) -> Any:
+        pytest.fail("a redis client was made")
+
     monkeypatch.setattr(redis_store.RedisStore, "__init__", spy)
+    monkeypatch.setattr(redis_store.redis.Redis, "from_url", no_client)
+    monkeypatch.setattr(redis_store.redis.asyncio.Redis, "from_url", no_client)
     return made
 
 
@@ -74,7 +79,9 @@ def test_bad_redis_urls_are_refused_before_any_connection(url: str, fragment: st
     assert "redis://[user:password@]host:port/db" in str(info.value) or "redis.Redis(" in str(info.value)
     with pytest.raises(ConfigurationError, match=fragment):
         store_from_url(url)
-    assert no_redis_store == []  # no RedisStore (and so no client or connection) was made
+    with pytest.raises(ConfigurationError, match=fragment):
+        redis_store.RedisStore(url)
+    assert no_redis_store == [url] * 3  # refused before any client (so any connection) was made
 
 
 def test_a_redis_url_error_hides_the_password(no_redis_store: list[str]) -> None:
@@ -87,7 +94,7 @@ def test_good_redis_urls_still_build_a_store(no_redis_store: list[str]) -> None:
     for url in ("redis://localhost:6379/0", "redis://localhost/15", "redis://localhost", "rediss://h:6380/",
                 "redis://localhost:6379/2?db=3", "unix:///tmp/redis.sock?db=1"):
         store_from_url(url).close()  # built lazily: nothing connects until the first call
-    assert len(no_redis_store) == 6
+    assert len(no_redis_store) == 6  # and not one made a client: the fixture would have failed
 
 
 def test_a_ledger_path_under_a_regular_file_is_refused(tmp_path: Path) -> None:
