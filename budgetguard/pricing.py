@@ -407,12 +407,9 @@ class PriceTable:
         Returns:
             The info, or None when nothing matches.
         """
-        info = self._models.get(model)
-        if info is not None:
-            return info
         found = self._resolved.get(model, _UNSEEN)
         if found is _UNSEEN:
-            found = _exact_lookup(self._models, model)
+            found = self._models.get(model) or _exact_lookup(self._models, model)
             if found is None and self._catalog is not None and model.strip():
                 found = self._catalog(model)
             if len(self._resolved) < _MEMO_LIMIT:
