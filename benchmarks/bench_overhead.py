@@ -459,7 +459,7 @@ def main() -> None:
     ap.add_argument("--profile-calls", type=int, default=3000)
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
-    # gpt-4o-mini wants o200k, which cannot be downloaded here: cl100k + 10% is used (same cost).
+    # Library warnings (e.g. a tokenizer fallback) would only add noise to the timings.
     warnings.simplefilter("ignore", UserWarning)
     logging.getLogger("budgetguard").setLevel(logging.ERROR)
 
