@@ -357,3 +357,19 @@ def test_bundled_lookups_share_one_resolution(monkeypatch: pytest.MonkeyPatch) -
     for _ in range(3):
         PriceTable.bundled().require_price("gpt-4.1-nano")
     assert calls == ["gpt-4.1-nano"]
+
+
+@pytest.mark.parametrize(("model", "per_million"), [("claude-opus-4-5", (5.0, 25.0)), ("gpt-5.1", (1.25, 10.0)),
+                                                    ("claude-haiku-4-5-20251001", (1.0, 5.0))])
+async def test_a_usd_budget_charges_the_models_own_price(run: Any, model: str, per_million: tuple[float, float]) -> None:
+    # End to end through the guard: claude-opus-4-5 used to be charged as claude-opus-4 ($15/$75).
+    from langchain_core.prompts import ChatPromptTemplate
+
+    from budgetguard import Budget, BudgetGuard
+    from budgetguard.testing.fake_models import UsageFakeChatModel
+
+    guard = BudgetGuard([Budget("usd", limit=1.0, unit="usd")], ledger=False)
+    llm = UsageFakeChatModel(model_name=model, input_tokens=1000, max_tokens=20, replies=["one two three"])
+    await run.invoke(guard | (ChatPromptTemplate.from_messages([("human", "{q}")]) | llm), {"q": "hi"})
+    assert llm.calls == 1
+    assert guard.remaining("usd") == pytest.approx(1.0 - (1000 * per_million[0] + 3 * per_million[1]) / 1e6)
