@@ -416,7 +416,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = ap.parse_args()
     CLOCK[0] = time.thread_time_ns if args.clock == "cpu" else time.perf_counter_ns
-    # gpt-4o-mini wants o200k, which cannot be downloaded here: cl100k + 10% is used (same cost).
+    # Library warnings (e.g. a tokenizer fallback) would only add noise to the timings.
     warnings.simplefilter("ignore", UserWarning)
     logging.getLogger("budgetguard").setLevel(logging.ERROR)
 

@@ -107,7 +107,7 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
         say("  team-pool   1,500 tokens shared by every user (a lending pool)")
         say("  daily-usd   $0.02 per UTC day, priced per model")
         say("Policies, in order: cheaper_model(gpt-4o -> gpt-4o-mini), cap_output(min 32), compress_prompt('trim')")
-        say("(Offline, the gpt-4o tokenizer cannot be downloaded: those prompts are counted with cl100k + 10%.)")
+        say("(gpt-4o's tokenizer, o200k_base, ships with budgetguard: prompts are counted exactly, offline.)")
         say()
 
         say("1. alice asks a question through guard | (prompt | ChatOpenAI | parser)")

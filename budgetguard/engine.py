@@ -31,7 +31,7 @@ from budgetguard.estimate import CallShape, TokenEstimator
 from budgetguard.flow import Flow, OverflowPolicy, Reserve, adrive, drive
 from budgetguard.pricing import PriceTable
 from budgetguard.settlement import INTERRUPTED_CHARGES, Ending, Settlement, describe, settle_rule
-from budgetguard.stores import MemoryStore, Store, store_from_url
+from budgetguard.stores import Store, resolve_store
 from budgetguard.stores.base import BucketSpec, ExpiredLease, ReserveRequest
 from budgetguard.tickets import Call, Line, Ticket
 
@@ -94,9 +94,10 @@ class BudgetEngine:
             if not isinstance(policy, OverflowPolicy):
                 msg = f"policies must be overflow policies (budgetguard.policies), got {policy!r}"
                 raise ConfigurationError(msg)
-        if isinstance(store, str):
-            store = store_from_url(store, clock=self.clock)
-        self.store: Store = store if store is not None else MemoryStore(clock=self.clock)
+        from budgetguard.ledger import check_ledger_path
+
+        check_ledger_path(ledger)  # before the store is built: a bad ledger path must leave no store file behind
+        self.store: Store = resolve_store(store, self.clock)
         self.prices = prices if prices is not None else PriceTable.bundled()
         self.estimator = estimator if estimator is not None else TokenEstimator()
         self.policies: tuple[OverflowPolicy, ...] = tuple(policies)

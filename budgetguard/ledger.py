@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from budgetguard.errors import BudgetGuardError
+from budgetguard.errors import BudgetGuardError, ConfigurationError
 
 if TYPE_CHECKING:  # at run time these come from the module __getattr__ below
     from budgetguard.ledger_query import AccuracyRow, Row
@@ -51,11 +51,13 @@ __all__ = [
     "JSONLSink",
     "Ledger",
     "LedgerError",
+    "LedgerPathError",
     "LedgerRecord",
     "MemorySink",
     "Row",
     "SQLiteSink",
     "Sink",
+    "check_ledger_path",
     "default_ledger_path",
     "open_ledger",
 ]
@@ -71,6 +73,44 @@ LEDGER_ENV = "BUDGETGUARD_LEDGER"
 
 class LedgerError(BudgetGuardError):
     """The ledger cannot be opened, read or written, or a query is malformed."""
+
+
+class LedgerPathError(LedgerError, ConfigurationError):
+    """A ledger path no file can be made at: under a regular file, or a directory itself."""
+
+
+def check_ledger_path(ledger: Any) -> None:
+    """Refuse a ledger path that cannot hold a ledger file, before anything is created.
+
+    Args:
+        ledger: The ``ledger=`` argument of a guard, or a :class:`Ledger`'s sink; only a
+            path (other than ``":memory:"``) is checked.
+
+    Raises:
+        LedgerPathError: (a :class:`~budgetguard.errors.ConfigurationError`) If the path
+            is a directory, or the nearest part of it that exists is a regular file, so
+            its directories cannot be made.
+
+    Example:
+        >>> check_ledger_path("/etc/hostname/ledger.sqlite3")
+        Traceback (most recent call last):
+        ...
+        budgetguard.ledger.LedgerPathError: ledger path /etc/hostname/ledger.sqlite3 cannot be created: /etc/hostname \
+is a file, not a directory. Choose a path in a directory, or pass ledger=False for no ledger.
+    """
+    if not isinstance(ledger, (str, os.PathLike)) or str(ledger) == ":memory:":
+        return
+    path = Path(ledger).expanduser()
+    if path.is_dir():
+        msg = f"ledger path {ledger} is a directory; name a file in it, e.g. {path / 'ledger.sqlite3'}"
+        raise LedgerPathError(msg)
+    for parent in path.parents:  # the nearest one that exists decides whether the rest can be made
+        if parent.exists():
+            if not parent.is_dir():
+                msg = (f"ledger path {ledger} cannot be created: {parent} is a file, not a directory. "
+                       "Choose a path in a directory, or pass ledger=False for no ledger.")
+                raise LedgerPathError(msg)
+            return
 
 
 # -- the record ------------------------------------------------------------------------
@@ -313,7 +353,8 @@ class Ledger:
             backoff); records beyond this are dropped and counted in :attr:`dropped`.
 
     Raises:
-        LedgerError: The path is not a usable ledger (corrupt, another database, ...).
+        LedgerError: The path is not a usable ledger (corrupt, another database, ...);
+            a :class:`LedgerPathError` when no file can be made there.
     """
 
     def __init__(
@@ -328,6 +369,7 @@ class Ledger:
         if batch_size < 1 or flush_interval <= 0 or max_pending < batch_size:
             msg = "Ledger needs batch_size >= 1, flush_interval > 0 and max_pending >= batch_size"
             raise LedgerError(msg)
+        check_ledger_path(sink)
         self._sink: Sink = _sinks.sink_for(sink)
         self._store_text = store_text
         self._batch_size = batch_size
@@ -540,7 +582,7 @@ class Ledger:
         """Sum calls, tokens and cost, grouped by one or more dimensions.
 
         Args:
-            by: Dimension name(s): ``"day"`` (UTC), ``"month"``, ``"model"`` (model used),
+            by: Dimension name(s): ``"day"`` (UTC), ``"month"``, ``"model"`` (model used; a denied call's requested model),
                 ``"model_requested"``, ``"outcome"``, ``"policy"``, ``"run"`` (root run, or
                 the call itself if it has none), ``"tag"``, ``"budget"``, ``"scope"`` (the
                 whole scope as ``"k=v,..."``), ``"scope:KEY"``, ``"meta:KEY"``; aliases

@@ -27,7 +27,8 @@ TIME_FORMATS = (
 )
 ALIASES = {"user": "scope:user_id", "feature": "meta:feature", "date": "day", "model_used": "model"}
 _SIMPLE = {
-    "model": "calls.model_used",
+    # The model that answered; for a call refused before it was sent, the model it asked for.
+    "model": "COALESCE(calls.model_used, calls.model_requested)",
     "model_requested": "calls.model_requested",
     "outcome": "calls.outcome",
     "policy": "calls.policy",

@@ -17,6 +17,7 @@ from langchain_openai import ChatOpenAI, OpenAI
 
 import budgetguard.lcel
 from budgetguard import Budget, BudgetExceeded, BudgetGuard, ContextWindowExceeded
+from budgetguard.encodings import load_bundled
 from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, StubOpenAIServer
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assistant."), ("human", "{q}")])
@@ -71,10 +72,17 @@ async def test_estimate_equals_the_servers_count_and_reconciles_to_it(
     assert req.body["max_completion_tokens"] == 50
 
 
-async def test_o200k_model_estimate_is_a_safe_upper_bound(run: Any, server: StubOpenAIServer) -> None:
+async def test_o200k_model_is_estimated_exactly_offline(run: Any, server: StubOpenAIServer) -> None:
+    # The stub counts every model with cl100k; OpenAI counts gpt-4o-mini with o200k_base, as the guard does.
+    o200k = load_bundled("o200k_base")
+
+    def tok(text: str) -> int:
+        return len(o200k.encode_ordinary(text))
+
+    expected = 3 + (3 + tok("system") + tok("You are a careful assistant.")) + (3 + tok("user") + tok("Explain leases."))
     guard = BudgetGuard([Budget("g", limit=10_000)])
     msg = await run.invoke(guard | (PROMPT | chat(server, "gpt-4o-mini")), {"q": "Explain leases."})
-    assert msg.response_metadata["budgetguard"]["estimated_input_tokens"] >= server.requests[-1].prompt_tokens
+    assert msg.response_metadata["budgetguard"]["estimated_input_tokens"] == expected
 
 
 async def test_denied_call_never_reaches_the_server(run: Any, server: StubOpenAIServer) -> None:
