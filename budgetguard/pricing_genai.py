@@ -31,7 +31,7 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from budgetguard.pricing import ModelInfo, PriceTier
+from budgetguard.model_info import ModelInfo, PriceTier
 
 __all__ = ["SOURCE", "find", "model_names"]
 

@@ -21,6 +21,8 @@ def test_demo_transcript_shows_every_decision(tmp_path: Path, capsys) -> None:
     assert "BudgetExceeded: budget 'per-user' (user_id=carol) cannot cover this call" in text
     assert "answered by gpt-4o-mini (policy: cheaper_model)" in text
     assert "context-length errors received: 0" in text
+    assert "the model asked for the get_weather tool" in text and "the model answered" in text  # the agent scene
+    assert "nothing raised:" in text and "I have to stop here: the budget 'per-user'" in text
     rows = {r["user"]: r for r in (row.to_dict() for row in open_ledger(ledger).totals(by="user"))}
     assert set(rows) >= {"alice", "bob", "carol", "erin"}  # dave's guard has no per-user budget
     assert rows["carol"]["denied"] == 1
