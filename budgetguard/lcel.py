@@ -174,6 +174,23 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
         """The wrapped runnable's graph (drawing it runs nothing, so it needs no scopes)."""
         return self.bound.get_graph(config)
 
+    @override
+    def get_input_jsonschema(self, config: RunnableConfig | None = None) -> dict[str, Any]:
+        """The wrapped runnable's own input JSON schema (a LangGraph graph writes its own)."""
+        return self.bound.get_input_jsonschema(config)
+
+    @override
+    def get_output_jsonschema(self, config: RunnableConfig | None = None) -> dict[str, Any]:
+        """The wrapped runnable's own output JSON schema."""
+        return self.bound.get_output_jsonschema(config)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped runnable's own interface (a LangGraph graph's ``get_state``,
+        ``update_state``, ...), called as it is: reading state runs no model, needs no scope."""
+        if name.startswith("_") or name == "bound":
+            return super().__getattr__(name)  # type: ignore[misc]
+        return getattr(self.bound, name)
+
     @classmethod
     @override
     def is_lc_serializable(cls) -> bool:

@@ -293,11 +293,14 @@ async def test_summarization_middlewares_summary_call_is_metered(mode: str, serv
 
 async def test_guard_piped_into_an_agent_meters_it_from_outside(mode: str, server: StubOpenAIServer) -> None:
     guard = BudgetGuard([Budget("per-user", limit=10_000, per="user_id")], ledger=False)
-    guarded = guard | agent_for(chat(server), [])
+    agent = agent_for(chat(server), [])
+    guarded = guard | agent
     assert guarded.get_graph() is not None  # drawing it needs no scope
+    assert guarded.get_input_jsonschema() == agent.get_input_jsonschema()
     config = {"configurable": {"thread_id": "p1", "user_id": "carol"}}
     await ask(mode, guarded, QUESTION, config, ctx=None)
     assert guard.remaining("per-user", user_id="carol") == 10_000 - spent(server)
+    assert [m.type for m in guarded.get_state(config).values["messages"]] == ["human", "ai", "tool", "ai"]
 
 
 async def test_middleware_and_outer_guard_together_charge_once(mode: str, server: StubOpenAIServer) -> None:
