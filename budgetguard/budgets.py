@@ -16,6 +16,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budgetguard.errors import ConfigurationError, MissingScopeError
+from budgetguard.stores.base import BucketSpec
 
 __all__ = ["PERIODS", "UNITS", "Budget", "BudgetSpecKey", "Period", "Unit"]
 
@@ -164,6 +165,17 @@ class Budget:
         if not scope:
             return self.name
         return self.name + "\x1f" + "\x1f".join(f"{k}={v}" for k, v in scope.items())
+
+    def bucket_spec(self, scope: Mapping[str, str], now: float) -> BucketSpec:
+        """What a store needs to know about the bucket of ``scope``, as of ``now``."""
+        bounds = self.period_bounds(now)
+        return BucketSpec(
+            self.bucket_key(scope),
+            self.limit,
+            self.refill_per_second,
+            bounds[0] if bounds else None,
+            bounds[1] if bounds else None,
+        )
 
     # -- calendar ---------------------------------------------------------------------
 
