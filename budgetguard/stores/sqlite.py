@@ -4,7 +4,7 @@ Every write is one ``BEGIN IMMEDIATE`` transaction that runs the pure functions 
 :mod:`.base` on the rows it touches, so the arithmetic is the memory store's, and
 processes take turns through SQLite's write lock (WAL mode: readers never wait).
 
-Layout (``PRAGMA user_version`` holds the schema version, 2)::
+Layout (``PRAGMA user_version`` holds the schema version, 3)::
 
     store(kind, key, level, updated_at, period_start, spent, expires_at, held, meta, bucket)
         PRIMARY KEY (kind, key), WITHOUT ROWID
@@ -33,9 +33,12 @@ this store wrote); anything else changes nothing and runs the Python paths on
 :mod:`.base`. That is the budget arithmetic written a second time; a test compares the
 two over random specs, states and times.
 
-``held`` keeps, per charge, the bucket specs and amounts the reservation took, so any
-process can settle or sweep it later. Schema 1 (tables ``buckets`` and ``leases``
-with an index on ``expires_at``) is migrated in place on first open.
+``held`` keeps, per charge, the bucket specs (with their period rules) and amounts the
+reservation took, so any process can settle or sweep it later. Schema 1 (tables
+``buckets`` and ``leases`` with an index on ``expires_at``) is migrated in place on
+first open; schema 2 differs only in its leases' specs (period bounds, not rules), and
+a lease written by either is settled without a period (its excess lands in the
+bucket's stored period).
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring_ascii
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from budgetguard.clock import Clock, SystemClock
 from budgetguard.errors import ConfigurationError, StoreUnavailable
+from budgetguard.periods import PeriodRule
 from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.base import (
     BucketSpec,
@@ -64,10 +68,10 @@ from budgetguard.stores.base import (
     Held,
     ReserveRequest,
     ReserveResult,
-    _current_period,
     apply_reserve,
     apply_settle,
     bucket_keys,
+    current_period,
     refresh,
 )
 
@@ -75,7 +79,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; an older file is migrated, a newer one refused."""
 
 _SCHEMA = (
@@ -205,24 +209,29 @@ def _number(value: float | None) -> str:
 
 @functools.lru_cache(maxsize=1024)  # a process uses few specs; the key is hashed in C
 def _spec_json(spec: BucketSpec) -> str:
-    return (
-        f"[{encode_basestring_ascii(spec.key)},{_number(spec.capacity)},{_number(spec.refill_per_second)},"
-        f"{_number(spec.period_start)},{_number(spec.period_end)}]"
-    )
+    rule = spec.period
+    period = "null" if rule is None else f"[{_dumps(rule.unit)},{','.join(map(_number, rule.offsets))}]"
+    return f"[{encode_basestring_ascii(spec.key)},{_number(spec.capacity)},{_number(spec.refill_per_second)},{period}]"
+
+
+def _spec_of(row: list[Any]) -> BucketSpec:
+    if len(row) == 5:  # written by schema 1 or 2 (period bounds, not a rule): settled without a period
+        return BucketSpec(row[0], row[1], row[2])
+    key, capacity, refill, period = row
+    return BucketSpec(key, capacity, refill, None if period is None else PeriodRule(period[0], tuple(period[1:])))
 
 
 @functools.lru_cache(maxsize=1024)
 def _lean_spec(spec: BucketSpec) -> tuple[str, float, float] | None:
     """``(lease text prefix, capacity, refill)`` if the SQL fast paths may serve ``spec``.
 
-    They may when every number is a finite float (periods positive): SQLite's arithmetic
-    then matches Python's operation for operation, and the lease text needs no other type.
+    They may when capacity and refill are finite floats: SQLite's arithmetic then matches
+    Python's operation for operation, and the lease text needs no other type.
     """
-    numbers = (spec.capacity, spec.refill_per_second, spec.period_start, spec.period_end)
-    for value in numbers:
-        if value is not None and (type(value) is not float or not math.isfinite(value)):
+    for value in (spec.capacity, spec.refill_per_second):
+        if type(value) is not float or not math.isfinite(value):
             return None
-    if spec.refill_per_second < 0 or any(v is not None and v <= 0 for v in numbers[2:]):
+    if spec.refill_per_second < 0:
         return None
     return f"[[{_spec_json(spec)},null,", spec.capacity, spec.refill_per_second
 
@@ -231,7 +240,8 @@ def _encode_held(held: Sequence[Held]) -> str:
     """The JSON text ``json.dumps(..., separators=(",", ":"))`` writes, built without its overhead.
 
     Per charge: ``[bucket spec, lender spec or null, took, lent, period, lender_period]``
-    with a spec as ``[key, capacity, refill_per_second, period_start, period_end]``.
+    with a spec as ``[key, capacity, refill_per_second, period]`` and a period as ``null``
+    or ``[unit, offsets...]`` (see :class:`~budgetguard.periods.PeriodRule`).
     """
     parts = [
         f"[{_spec_json(h.bucket)},{'null' if h.lender is None else _spec_json(h.lender)},{_number(h.took)},"
@@ -246,8 +256,8 @@ def _decode_held(text: str) -> list[Held]:
     for bucket, lender, took, lent, period, lender_period in json.loads(text):
         out.append(
             Held(
-                BucketSpec(*bucket),
-                BucketSpec(*lender) if lender is not None else None,
+                _spec_of(bucket),
+                _spec_of(lender) if lender is not None else None,
                 took,
                 lent,
                 period,
@@ -624,7 +634,7 @@ class SQLiteStore:
         amount = charges[0].amount
         lean = _lean_spec(spec)
         if lean is not None and type(amount) is float:
-            period = _current_period(spec, now)
+            period = current_period(spec, now)
             expires_at = now + request.lease_seconds
             params = (lean[1], lean[2], now, period, amount, spec.key, expires_at)
             if cursor.execute(_RESERVE_ONE, params).rowcount == 1:
@@ -737,7 +747,7 @@ class SQLiteStore:
             return False
         spec = h.bucket
         delta = final - h.total
-        params = (lean[1], lean[2], now, _current_period(spec, now), -delta, delta, final, h.period, spec.key)
+        params = (lean[1], lean[2], now, current_period(spec, now), -delta, delta, final, h.period, spec.key)
         if cursor.execute(_SETTLE_ONE, params).rowcount != 1:  # no bucket row: base.py on a new bucket
             state = refresh(None, spec, now)
             apply_settle(lambda _: state, held, actuals)
