@@ -23,15 +23,9 @@ passed, then sets it to the earliest remaining expiry; a reserve lowers it when 
 lease expires sooner. The bound is kept in the same transactions as the leases, so it
 holds for every process sharing the file.
 
-Most calls charge one bucket without a pool. For them a reserve is ``UPDATE`` bucket +
-``INSERT`` lease and a settle is ``DELETE`` lease + ``UPDATE`` bucket: the ``UPDATE`` does
-:func:`.base.refresh` and the reserve or settle arithmetic in SQL (``_RESERVE_ONE``,
-``_SETTLE_ONE``), so no read and no Python arithmetic is needed. Their ``WHERE`` clauses
-let them run only where the result is what :mod:`.base` computes, bit for bit (finite
-float specs, a covered amount, a lease period known in advance, no sweep due, a lease
-this store wrote); anything else changes nothing and runs the Python paths on
-:mod:`.base`. That is the budget arithmetic written a second time; a test compares the
-two over random specs, states and times.
+Every reserve and settle reads the rows it needs and runs the arithmetic of :mod:`.base`
+in Python (an earlier one-bucket path that repeated it in SQL gained 7-11% and was
+dropped: one copy of the rules).
 
 ``held`` keeps, per charge, the bucket specs (with their period rules) and amounts the
 reservation took, so any process can settle or sweep it later. Schema 1 (tables
@@ -47,7 +41,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -71,7 +64,6 @@ from budgetguard.stores.base import (
     apply_reserve,
     apply_settle,
     bucket_keys,
-    current_period,
     refresh,
 )
 
@@ -133,43 +125,6 @@ _DELETE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ?"
 _IS_OPEN = "SELECT 1 FROM store WHERE kind = 2 AND key = ?"
 _COUNT_LEASES = "SELECT count(*) FROM store WHERE kind = 2"
 
-# The one-bucket fast paths: base.refresh, and apply_reserve / apply_settle for one charge
-# without a pool, written as SQL on the bucket row so a reserve or a settle is one UPDATE
-# (no read, no Python arithmetic). They run only where their WHERE clause and _lean_spec
-# say the result equals base.py's; otherwise nothing is changed and the Python paths run.
-# Parameters: ?1 capacity, ?2 refill_per_second, ?3 now, ?4 the current period (or NULL).
-_RESET = "(?4 IS NOT NULL AND (period_start IS NULL OR ?4 > period_start))"  # a new period starts
-_LEVEL = (  # base.refresh: the level as of now
-    f"(CASE WHEN {_RESET} THEN ?1"
-    " WHEN ?3 - updated_at > 0 AND ?2 > 0 AND level < ?1 THEN"
-    " (CASE WHEN level + ?2 * (?3 - updated_at) < ?1 THEN level + ?2 * (?3 - updated_at) ELSE ?1 END)"
-    " WHEN level > ?1 THEN ?1 ELSE level END)"
-)
-_REFRESHED = (
-    f"updated_at = CASE WHEN {_RESET} OR ?3 - updated_at > 0 THEN ?3 ELSE updated_at END,"
-    f" period_start = CASE WHEN {_RESET} THEN ?4 ELSE period_start END"
-)
-# Reserve: ?5 amount, ?6 key, ?7 the lease's expiry. Runs when the bucket exists, covers the
-# amount, its period after refresh is ?4 (so the lease's period is known), and the sweep
-# bound needs neither a sweep (it is past now) nor lowering (it is not after ?7).
-_RESERVE_ONE = (
-    f"UPDATE store SET level = {_LEVEL} - ?5, {_REFRESHED}"
-    f" WHERE kind = 1 AND key = ?6 AND {_LEVEL} >= ?5"
-    " AND CASE WHEN ?4 IS NULL THEN period_start IS NULL ELSE period_start IS NULL OR period_start <= ?4 END"
-    " AND (SELECT expires_at > ?3 AND expires_at <= ?7 FROM store WHERE kind = 0 AND key = 'next_expiry')"
-)
-# Settle: ?5 the refund (-delta, used when ?6 < 0), ?6 delta = final - reserved, ?7 final,
-# ?8 the period the lease was taken in, ?9 key. The refund is dropped if that period is over.
-_SETTLE_ONE = (
-    "UPDATE store SET level = CASE"
-    f" WHEN ?6 < 0 THEN (CASE WHEN (CASE WHEN {_RESET} THEN ?4 ELSE period_start END) IS ?8 THEN"
-    f" (CASE WHEN {_LEVEL} + ?5 < ?1 THEN {_LEVEL} + ?5 ELSE ?1 END) ELSE {_LEVEL} END)"
-    f" WHEN ?6 > 0 THEN {_LEVEL} - ?6 ELSE {_LEVEL} END,"
-    f" {_REFRESHED}, spent = spent + ?7"
-    " WHERE kind = 1 AND key = ?9"
-)
-_DELETE_KNOWN_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ? AND held = ?"
-
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 Buckets = dict[str, "BucketState | None"]
@@ -219,21 +174,6 @@ def _spec_of(row: list[Any]) -> BucketSpec:
         return BucketSpec(row[0], row[1], row[2])
     key, capacity, refill, period = row
     return BucketSpec(key, capacity, refill, None if period is None else PeriodRule(period[0], tuple(period[1:])))
-
-
-@functools.lru_cache(maxsize=1024)
-def _lean_spec(spec: BucketSpec) -> tuple[str, float, float] | None:
-    """``(lease text prefix, capacity, refill)`` if the SQL fast paths may serve ``spec``.
-
-    They may when capacity and refill are finite floats: SQLite's arithmetic then matches
-    Python's operation for operation, and the lease text needs no other type.
-    """
-    for value in (spec.capacity, spec.refill_per_second):
-        if type(value) is not float or not math.isfinite(value):
-            return None
-    if spec.refill_per_second < 0:
-        return None
-    return f"[[{_spec_json(spec)},null,", spec.capacity, spec.refill_per_second
 
 
 def _encode_held(held: Sequence[Held]) -> str:
@@ -299,10 +239,6 @@ class SQLiteStore:
     Example:
         >>> store = SQLiteStore("/var/lib/myapp/budgets.db")  # doctest: +SKIP
     """
-
-    _one_bucket_paths = True
-    """Reserve and settle one bucket without a pool on the SQL paths (tests turn them off
-    to compare with the general paths)."""
 
     def __init__(
         self,
@@ -625,29 +561,6 @@ class SQLiteStore:
         return self._write(self._reserve, request)
 
     def _reserve(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
-        charges = request.charges
-        if len(charges) != 1 or charges[0].lender is not None or not self._one_bucket_paths:
-            return self._reserve_any(cursor, now, request)
-        # One bucket, no pool (the common case): first the one-UPDATE path, which changes
-        # nothing unless its result is base.py's (see _RESERVE_ONE).
-        spec = charges[0].bucket
-        amount = charges[0].amount
-        lean = _lean_spec(spec)
-        if lean is not None and type(amount) is float:
-            period = current_period(spec, now)
-            expires_at = now + request.lease_seconds
-            params = (lean[1], lean[2], now, period, amount, spec.key, expires_at)
-            if cursor.execute(_RESERVE_ONE, params).rowcount == 1:
-                held = f"{lean[0]}{_number(amount)},0.0,{_number(period)},null]]"
-                try:
-                    cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), spec.key))
-                except sqlite3.IntegrityError:
-                    _duplicate(request.id)
-                self._remember(request.id, held, [Held(spec, None, amount, 0.0, period, None)])
-                return _RESERVED
-        return self._reserve_any(cursor, now, request)  # a denial, a new bucket, a due sweep, ...
-
-    def _reserve_any(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
         keys = bucket_keys(request.charges)
         has_meta, next_expiry = self._load_with_next_expiry(cursor, keys, buckets)
@@ -697,9 +610,6 @@ class SQLiteStore:
     ) -> bool:
         # The lease's held, remembered if this store wrote it: used only for that very text.
         known = self._memo.pop(reservation_id, None)
-        if known is not None and self._one_bucket_paths:
-            if self._settle_known(cursor, now, reservation_id, actuals, known):
-                return True
         row = cursor.execute(_LEASE_AND_BUCKET, (reservation_id,)).fetchone()
         if row is None:
             return False
@@ -716,42 +626,6 @@ class SQLiteStore:
         touched: dict[str, BucketState] = {}
         apply_settle(self._getter(buckets, touched, now), held, actuals)
         self._save(cursor, touched)
-        return True
-
-    def _settle_known(
-        self,
-        cursor: sqlite3.Cursor,
-        now: float,
-        reservation_id: str,
-        actuals: Sequence[float] | None,
-        known: tuple[str, list[Held]],
-    ) -> bool:
-        """Settle a one-bucket lease this store wrote with one DELETE and one UPDATE.
-
-        Returns:
-            ``False`` (nothing changed) when this path does not apply: several charges or
-            a pool, a spec or an amount _SETTLE_ONE may not compute, or no lease row with
-            the remembered text.
-        """
-        text, held = known
-        if len(held) != 1:
-            return False
-        h = held[0]
-        lean = _lean_spec(h.bucket)
-        if h.lender is not None or lean is None or (actuals is not None and not actuals):
-            return False
-        final = h.total if actuals is None else float(actuals[0])
-        if final - final != 0.0:  # inf or nan
-            return False
-        if cursor.execute(_DELETE_KNOWN_LEASE, (reservation_id, text)).rowcount != 1:
-            return False
-        spec = h.bucket
-        delta = final - h.total
-        params = (lean[1], lean[2], now, current_period(spec, now), -delta, delta, final, h.period, spec.key)
-        if cursor.execute(_SETTLE_ONE, params).rowcount != 1:  # no bucket row: base.py on a new bucket
-            state = refresh(None, spec, now)
-            apply_settle(lambda _: state, held, actuals)
-            cursor.execute(_SAVE, (spec.key, state.level, state.updated_at, state.period_start, state.spent))
         return True
 
     def snapshot(self, spec: BucketSpec) -> BucketState:
