@@ -100,15 +100,19 @@ _FROM_V1 = (
 _BUCKET_COLUMNS = "level, updated_at, period_start, spent"
 _SELECT_ONE = f"SELECT {_BUCKET_COLUMNS} FROM store WHERE kind = 1 AND key = ?"
 _SELECT_IN = "SELECT key, " + _BUCKET_COLUMNS + " FROM store WHERE kind = 1 AND key IN ({marks})"
-# The reserve's first query: the sweep bound, and the buckets joined to it (one row with
-# NULL bucket columns when none exists yet; no row at all if the meta row is missing).
-_NEXT_AND_BUCKETS = (
-    "SELECT m.expires_at, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
+# The reserve's first query: the meta row (sweep bound, store time), and the buckets
+# joined to it (one row with NULL bucket columns when none exists yet; no row at all if
+# the meta row is missing).
+_META_AND_BUCKETS = (
+    "SELECT m.expires_at, m.updated_at, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key IN ({marks})"
     " WHERE m.kind = 0 AND m.key = 'next_expiry'"
 )
-_NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
-_SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
+_META = "SELECT expires_at, updated_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
+_SET_META = "REPLACE INTO store (kind, key, expires_at, updated_at) VALUES (0, 'next_expiry', ?, ?)"
+_STORE_TIME = "(SELECT updated_at FROM store WHERE kind = 0 AND key = 'next_expiry')"
+_SET_STORE_TIME = "UPDATE store SET updated_at = ? WHERE kind = 0 AND key = 'next_expiry'"
+_START_STORE_TIME = "UPDATE store SET updated_at = ? WHERE kind = 0 AND key = 'next_expiry' AND updated_at IS NULL"
 _SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
 # The sweep's scans of the lease range (no index on expires_at: they run only once the
 # bound has passed; SQLite filters the rows, Python sees only the due ones).
@@ -118,9 +122,10 @@ _INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta, bucket) V
 # Settle's first query: the lease, and its first bucket joined to it (a schema-1 lease has
 # no ``bucket``: its buckets are read by a second query).
 _LEASE_AND_BUCKET = (
-    "SELECT l.held, l.bucket, b.level, b.updated_at, b.period_start, b.spent FROM store AS l"
+    f"SELECT l.held, l.bucket, b.level, b.updated_at, b.period_start, b.spent, {_STORE_TIME} FROM store AS l"
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key = l.bucket WHERE l.kind = 2 AND l.key = ?"
 )
+_BUCKET_AND_TIME = f"SELECT {_BUCKET_COLUMNS}, {_STORE_TIME} FROM store WHERE kind = 1 AND key = ?"
 _DELETE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ?"
 _IS_OPEN = "SELECT 1 FROM store WHERE kind = 2 AND key = ?"
 _COUNT_LEASES = "SELECT count(*) FROM store WHERE kind = 2"
@@ -223,7 +228,12 @@ class SQLiteStore:
     Args:
         path: The database file (created with its tables if missing; the directory
             must exist). ``":memory:"`` is refused: use ``memory://`` for one process.
-        clock: Time source (inject :class:`~budgetguard.clock.FakeClock` in tests).
+        clock: This process's time source (the guard passes its own; inject
+            :class:`~budgetguard.clock.FakeClock` in tests). The store never uses a time
+            past ``host_clock``, nor one before the latest time already used on the file.
+        host_clock: The machine's clock, shared by every process on it (default: the
+            system clock). Tests that drive time with a fake ``clock`` ahead of the real
+            one pass the same fake here.
         busy_timeout: Seconds to wait for another process's write lock before raising
             :class:`~budgetguard.errors.StoreUnavailable`.
         synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (default) never
@@ -245,6 +255,7 @@ class SQLiteStore:
         path: str | os.PathLike[str],
         *,
         clock: Clock | None = None,
+        host_clock: Clock | None = None,
         busy_timeout: float = 30.0,
         synchronous: str = "NORMAL",
         retry: RetryPolicy | None = None,
@@ -262,6 +273,7 @@ class SQLiteStore:
             msg = f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             raise ConfigurationError(msg)
         self.clock: Clock = clock or SystemClock()
+        self.host_clock: Clock = host_clock or SystemClock()
         self.busy_timeout = float(busy_timeout)
         self.synchronous = synchronous.upper()
         self.retry = retry or RetryPolicy()
@@ -349,6 +361,9 @@ class SQLiteStore:
             if current < SCHEMA_VERSION:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                # The file's time starts at its creator's (a process whose clock lags can
+                # then only lag behind it, never take the file's time back).
+                conn.execute(_START_STORE_TIME, (self._clock_time(),))
                 if current == 1:
                     for statement in _FROM_V1:
                         conn.execute(statement)
@@ -436,7 +451,7 @@ class SQLiteStore:
                     raise _Contended(exc) from exc
                 raise
             try:
-                result = body(cursor, self.clock.now(), *args)  # time read while holding the lock
+                result = body(cursor, self._clock_time(), *args)  # time read while holding the lock
                 cursor.execute("COMMIT")
             except BaseException:
                 if cursor.connection.in_transaction:
@@ -446,6 +461,11 @@ class SQLiteStore:
             return result
         finally:
             lock.release()
+
+    def _clock_time(self) -> float:
+        """This store's clock, but never past the host's (so a clock running ahead cannot
+        refill, reset or expire anything early); see :func:`_store_time` for the floor."""
+        return min(self.clock.now(), self.host_clock.now())
 
     # -- row helpers ----------------------------------------------------------------
 
@@ -472,24 +492,25 @@ class SQLiteStore:
         ):
             buckets[key] = BucketState(level, updated_at, period_start, spent)
 
-    def _load_with_next_expiry(
+    def _load_with_meta(
         self, cursor: sqlite3.Cursor, keys: list[str], buckets: Buckets
-    ) -> tuple[bool, float | None]:
-        """Load ``keys`` into ``buckets`` and read the sweep bound, in one query.
+    ) -> tuple[bool, float | None, float | None]:
+        """Load ``keys`` into ``buckets`` and read the meta row, in one query.
 
         Returns:
-            Whether the meta row exists, and its ``next_expiry`` (``None``: no open lease).
+            Whether the meta row exists, its ``next_expiry`` (``None``: no open lease) and
+            the store time (``None``: none recorded yet).
         """
-        rows = cursor.execute(self._in_query(_NEXT_AND_BUCKETS, len(keys)), keys).fetchall()
+        rows = cursor.execute(self._in_query(_META_AND_BUCKETS, len(keys)), keys).fetchall()
         if not rows:  # no meta row: the caller sweeps, which writes it again
             self._load(cursor, keys, buckets)
-            return False, None
+            return False, None, None
         for key in keys:
             buckets[key] = None
-        for _, key, level, updated_at, period_start, spent in rows:
+        for _, _, key, level, updated_at, period_start, spent in rows:
             if key is not None:
                 buckets[key] = BucketState(level, updated_at, period_start, spent)
-        return True, rows[0][0]
+        return True, rows[0][0], rows[0][1]
 
     @staticmethod
     def _save(cursor: sqlite3.Cursor, touched: dict[str, BucketState]) -> None:
@@ -517,7 +538,7 @@ class SQLiteStore:
     def _sweep(
         self, cursor: sqlite3.Cursor, now: float, buckets: Buckets
     ) -> tuple[tuple[ExpiredLease, ...], float | None]:
-        """Settle every due lease at its reserved amount; reset the ``next_expiry`` bound.
+        """Settle every due lease at its reserved amount; write the meta row (new bound, ``now``).
 
         Scans the leases (run only when the bound says one may be due).
 
@@ -531,7 +552,7 @@ class SQLiteStore:
         else:
             expired = ()
         next_expiry = cursor.execute(_EARLIEST_LEASE).fetchone()[0]  # after the deletes: what is left
-        cursor.execute(_SET_NEXT_EXPIRY, (next_expiry,))
+        cursor.execute(_SET_META, (next_expiry, now))
         return expired, next_expiry
 
     def _expire(
@@ -563,15 +584,19 @@ class SQLiteStore:
     def _reserve(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
         keys = bucket_keys(request.charges)
-        has_meta, next_expiry = self._load_with_next_expiry(cursor, keys, buckets)
+        has_meta, next_expiry, stored_time = self._load_with_meta(cursor, keys, buckets)
+        now, later = _store_time(now, stored_time)
         expired: tuple[ExpiredLease, ...] = ()
         if not has_meta or (next_expiry is not None and next_expiry <= now):
-            expired, next_expiry = self._sweep(cursor, now, buckets)
+            expired, next_expiry = self._sweep(cursor, now, buckets)  # writes the meta row
+            later = False
         touched: dict[str, BucketState] = {}
         outcome = apply_reserve(self._getter(buckets, touched, now), request.charges, now)
         if not isinstance(outcome, list):
             if cursor.execute(_IS_OPEN, (request.id,)).fetchone():
                 _duplicate(request.id)
+            if later:
+                cursor.execute(_SET_STORE_TIME, (now,))
             return ReserveResult(False, outcome, expired)
         self._save(cursor, touched)
         expires_at = now + request.lease_seconds
@@ -582,7 +607,9 @@ class SQLiteStore:
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
-            cursor.execute(_SET_NEXT_EXPIRY, (expires_at,))
+            cursor.execute(_SET_META, (expires_at, now))
+        elif later:
+            cursor.execute(_SET_STORE_TIME, (now,))
         self._remember(request.id, held, outcome)
         return ReserveResult(True, None, expired) if expired else _RESERVED
 
@@ -613,11 +640,14 @@ class SQLiteStore:
         row = cursor.execute(_LEASE_AND_BUCKET, (reservation_id,)).fetchone()
         if row is None:
             return False
-        text, first_key, level, updated_at, period_start, spent = row
+        text, first_key, level, updated_at, period_start, spent, stored_time = row
         held = known[1] if known is not None and known[0] == text else _decode_held(text)
         if actuals is not None and len(actuals) < len(held):
             msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
             raise ValueError(msg)  # nothing was changed
+        now, later = _store_time(now, stored_time)
+        if later:
+            cursor.execute(_SET_STORE_TIME, (now,))
         cursor.execute(_DELETE_LEASE, (reservation_id,))
         buckets: Buckets = {}
         if first_key is not None:
@@ -632,8 +662,12 @@ class SQLiteStore:
         """Return the bucket as of now (full if never used); reads never wait for writers."""
 
         def read() -> BucketState:
-            row = self._connection().execute(_SELECT_ONE, (spec.key,)).fetchone()
-            return refresh(BucketState(*row) if row is not None else None, spec, self.clock.now())
+            row = self._connection().execute(_BUCKET_AND_TIME, (spec.key,)).fetchone()
+            if row is None:  # a bucket never used: the store time alone
+                meta = self._connection().execute(_META).fetchone()
+                row = (None, None, None, None, meta[1] if meta is not None else None)
+            now = _store_time(self._clock_time(), row[4])[0]
+            return refresh(BucketState(*row[:4]) if row[0] is not None else None, spec, now)
 
         return self._run(read)
 
@@ -641,9 +675,11 @@ class SQLiteStore:
         """Settle expired leases at their reserved amounts and report each once."""
 
         def body(cursor: sqlite3.Cursor, now: float) -> tuple[ExpiredLease, ...]:
-            row = cursor.execute(_NEXT_EXPIRY).fetchone()
-            if row is not None and (row[0] is None or row[0] > now):
-                return ()  # the bound says no lease is due
+            row = cursor.execute(_META).fetchone()
+            if row is not None:
+                now = _store_time(now, row[1])[0]
+                if row[0] is None or row[0] > now:
+                    return ()  # the bound says no lease is due
             return self._sweep(cursor, now, {})[0]
 
         return self._write(body)
@@ -691,6 +727,14 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+
+def _store_time(clock_time: float, stored: float | None) -> tuple[float, bool]:
+    """The time an operation uses: ``clock_time``, but never before the store time already
+    recorded in the file. Returns it and whether it moves the recorded time forward."""
+    if stored is None or clock_time > stored:
+        return clock_time, True
+    return stored, False
 
 
 def _duplicate(reservation_id: str) -> None:

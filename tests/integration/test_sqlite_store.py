@@ -255,7 +255,8 @@ def test_processes_with_short_leases_balance_the_books(tmp_path: Path) -> None:
     outcomes = [results.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(30)
-    with SQLiteStore(path, clock=FakeClock(start=time.time() + 10_000)) as late:  # every lease is due
+    later = FakeClock(start=time.time() + 10_000)  # the host's clock, 10,000 s on: every lease is due
+    with SQLiteStore(path, clock=later, host_clock=later) as late:
         final = [(e.id, e.amounts) for e in late.sweep()]
         expired = [e for _, reported in outcomes for e in reported] + final
         assert len({rid for rid, _ in expired}) == len(expired)  # each expired lease reported once
