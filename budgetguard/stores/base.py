@@ -17,11 +17,24 @@ Bucket rules:
 
 * A new bucket starts full (``level == capacity``).
 * Continuous refill adds ``refill_per_second * elapsed`` up to capacity.
-* A calendar period resets the bucket to full when a new period starts.
+* A calendar period resets the bucket to full when a new period starts. The spec carries
+  the period as a rule (:class:`~budgetguard.periods.PeriodRule`), and the store finds
+  the period holding *its own* time; a time in an earlier period than the bucket's
+  changes nothing (no reset, no refill).
 * Reservations take from the level; settlement refunds the difference (to the lender
   first) or charges the excess to the borrower's own bucket, which may go negative:
   later calls then wait for refill. Refunds of a reservation made in an earlier period
-  are dropped (that period is over); excess charges land in the current one.
+  are dropped (that period is over); excess charges land in the period current when
+  the call is settled, however many periods later.
+* A denial's ``retry_after`` is the earliest wait after which the denied charge fits,
+  counting what its bucket and its lender can give together (refill, filling up,
+  period resets, and what the same request already takes from them).
+
+Whose time: every function here takes ``now`` from the store, never from a client.
+The memory store reads its clock (one process). The SQLite store reads its clock but
+never past the host's (``host_clock``) and never before the latest time already used
+on the file (a high-water mark kept in the file). The Redis store uses the server's
+``TIME`` for periods, refill and leases.
 """
 
 from __future__ import annotations

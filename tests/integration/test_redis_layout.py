@@ -252,3 +252,23 @@ def test_lua_period_bounds_are_python_bounds_bit_for_bit(store: RedisStore, raw:
     payload = b"".join(_mp_rule(rule) + _mp_float(t) for rule, t in cases)
     got = raw.eval(_lua("lib.lua") + "\n" + body, 2, store._state_key, store._expiry_key, payload)
     assert [tuple(float(x) for x in g.split()) for g in got] == [rule.bounds(t) for rule, t in cases]
+
+
+def test_a_lease_written_before_period_rules_is_still_settled(store: RedisStore, raw: redis.Redis) -> None:
+    """Format 1 (no format value; per charge 14 values with period bounds): read as a lease
+    without period rules, so an upgrade settles what the old version left open."""
+    spec = BucketSpec("old-lease", 100.0)
+    assert store.reserve(req("warm", Charge(spec, 30.0))).ok  # the bucket: 70 left
+    field = store.bucket_field(spec.key)
+    write = (
+        "redis.call('HSET', KEYS[1], 'r:old', cmsgpack.pack('nonce', 'meta-old',"
+        " ARGV[1], 100.0, 0.0, false, false, 30.0, 0.0, false, false, false, false, false, false, false))\n"
+        "redis.call('ZADD', KEYS[2], 4e9, 'old')"
+    )
+    raw.eval(write, 2, store._state_key, store._expiry_key, field)
+    assert store.open_reservations() == 2
+    assert store.settle("old", [10.0])  # refunds 20 of its 30
+    assert store.settle("warm", [30.0])
+    state = store.snapshot(spec)
+    assert (state.level, state.spent) == (90.0, 40.0)
+    assert store.open_reservations() == 0
