@@ -24,8 +24,9 @@ lease expires sooner. The bound is kept in the same transactions as the leases, 
 holds for every process sharing the file.
 
 Every reserve and settle reads the rows it needs and runs the arithmetic of :mod:`.base`
-in Python (an earlier one-bucket path that repeated it in SQL gained 7-11% and was
-dropped: one copy of the rules).
+in Python. An earlier one-bucket path repeated that arithmetic in SQL; it gained about
+16-22% in pairs per second and was dropped, for one copy of the rules
+(``benchmarks/RESULTS.md``, session 5).
 
 ``held`` keeps, per charge, the bucket specs (with their period rules) and amounts the
 reservation took, so any process can settle or sweep it later. Schema 1 (tables
