@@ -208,9 +208,13 @@ def _agent_scene(say: Any, llm: Any, ledger: Any) -> None:
         """Get the weather of a city."""
         return f"It is sunny in {city}."
 
-    say("6. frank talks to an agent: create_agent(ChatOpenAI, tools=[get_weather], middleware=[guard.middleware(on_denied='end')])")
+    say("6. frank talks to an agent: create_agent(ChatOpenAI, tools=[get_weather], "
+        "middleware=[guard.middleware(on_denied='end')])")
     agents = BudgetGuard(
-        [Budget("per-user", limit=400, per="user_id", period="day"), Budget("model-calls", limit=4, unit="calls", per="run")],
+        [
+            Budget("per-user", limit=400, per="user_id", period="day"),
+            Budget("model-calls", limit=4, unit="calls", per="run"),
+        ],
         ledger=ledger,
     )
     agent = create_agent(llm("gpt-4o-mini", max_tokens=100), tools=[get_weather],
@@ -226,6 +230,6 @@ def _agent_scene(say: Any, llm: Any, ledger: Any) -> None:
     say(f"   frank: {_n(agents.remaining('per-user', user_id='frank'))} tokens left of 400 today")
     out = agent.invoke({"messages": [HumanMessage("And in Porto, Faro and Braga?")]}, config)
     last = out["messages"][-1]
-    say(f"   next turn, the thread's history no longer fits: the run ends with a message, nothing raised:")
+    say("   next turn, the thread's history no longer fits: the run ends with a message, nothing raised:")
     say(f"   \"{last.content}\"")
     say()

@@ -227,13 +227,19 @@ class BudgetEngine:
         }
         return self._lines(self._charged, call.scopes, amounts, now)
 
-    def tool_lines(self, tool: str, scopes: Mapping[str, Mapping[str, str]], now: float | None = None) -> tuple[Line, ...]:
+    def tool_lines(
+        self, tool: str, scopes: Mapping[str, Mapping[str, str]], now: float | None = None
+    ) -> tuple[Line, ...]:
         """What each ``"tool_calls"`` budget counting ``tool`` would hold for one call of it."""
         budgets = [b for b in self._tool_budgets if b.tool in (None, tool)]
         return self._lines(budgets, scopes, {"tool_calls": 1.0}, self.clock.now() if now is None else now)
 
     def _lines(
-        self, budgets: Iterable[Budget], scopes: Mapping[str, Mapping[str, str]], amounts: Mapping[str, float], now: float
+        self,
+        budgets: Iterable[Budget],
+        scopes: Mapping[str, Mapping[str, str]],
+        amounts: Mapping[str, float],
+        now: float,
     ) -> tuple[Line, ...]:
         spec, all_budgets = self._spec, self.budgets
         lines = []

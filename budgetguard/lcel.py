@@ -31,6 +31,7 @@ from langchain_core.runnables import (
     RunnableParallel,
     RunnablePassthrough,
     RunnableSequence,
+    RunnableSerializable,
 )
 from langchain_core.runnables.base import RunnableBindingBase, coerce_to_runnable
 from langchain_core.runnables.config import ensure_config
@@ -51,7 +52,7 @@ __all__ = ["GuardedRunnable", "guard_runnable", "reach_models"]
 _TRANSPARENT_MODULES = ("langchain_core.prompts.", "langchain_core.output_parsers.")
 
 
-def guard_runnable(engine: BudgetEngine, runnable: Any) -> Runnable[Any, Any]:
+def guard_runnable(engine: BudgetEngine, runnable: Any) -> RunnableSerializable[Any, Any]:
     """``runnable`` with every model call inside it metered by ``engine``.
 
     A chat model comes back as its metered copy (still a chat model); anything else as a
@@ -160,12 +161,12 @@ class GuardedRunnable(RunnableBindingBase[Any, Any]):  # type: ignore[no-redef]
         return config
 
     @override
-    def __or__(self, other: Any) -> Runnable[Any, Any]:
+    def __or__(self, other: Any) -> RunnableSerializable[Any, Any]:
         """``(guard | a) | b`` guards ``a | b``: the steps piped in are guarded too."""
         return guard_runnable(self.guard, self.bound | other)
 
     @override
-    def pipe(self, *others: Any, name: str | None = None) -> Runnable[Any, Any]:
+    def pipe(self, *others: Any, name: str | None = None) -> RunnableSerializable[Any, Any]:
         """Like :meth:`__or__`: the steps piped in are guarded too."""
         return guard_runnable(self.guard, self.bound.pipe(*others, name=name))
 

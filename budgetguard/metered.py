@@ -42,7 +42,7 @@ from langchain_core.utils.uuid import uuid7
 from budgetguard.errors import BudgetExceeded, ConfigurationError
 from budgetguard.estimate import CallShape, model_from_params
 from budgetguard.runtime_context import runtime_context
-from budgetguard.sending import SENDING, Sending, SendGate, sent_by
+from budgetguard.sending import SENDING, SendGate, Sending, sent_by
 from budgetguard.settlement import Ending
 
 if TYPE_CHECKING:

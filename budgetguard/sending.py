@@ -18,7 +18,7 @@ same guard already meters.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 from contextlib import aclosing, closing
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,7 +49,7 @@ class Sending:
         self.refusal = refusal
         self.sent = False
 
-    def through(self, chunks: Iterator[T]) -> Iterator[T]:
+    def through(self, chunks: Iterator[T]) -> Generator[T, None, None]:
         """Iterate a stream with this call current while the model produces each chunk."""
         with closing(chunks):  # type: ignore[type-var]
             while True:
@@ -62,7 +62,7 @@ class Sending:
                     SENDING.reset(token)
                 yield chunk
 
-    async def athrough(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def athrough(self, chunks: AsyncIterator[T]) -> AsyncGenerator[T, None]:
         """Async :meth:`through`."""
         async with aclosing(chunks):  # type: ignore[type-var]
             while True:

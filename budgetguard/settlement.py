@@ -6,27 +6,25 @@ how a call ended as an :class:`Ending`: what came back (or what was received bef
 end), the error it ended with, and whether the request reached the model's own method.
 :func:`settle_rule` turns that into what to charge and how to record it:
 
-=====================================================  ==========================================  ===========
-How the call ended                                     Charged                                     Outcome
-=====================================================  ==========================================  ===========
-completed, usage reported                              the reported usage                          ``ok`` [#]_
-answered from LangChain's cache                        nothing                                     ``cached``
-completed, no usage reported                           prompt estimate + output counted            ``ok`` [#]_
-refused, or ended before the request was sent          nothing (the reservation is released)       ``cancelled`` / ``error``
-interrupted after it was sent: the consumer stopped    prompt estimate + output received so far    ``cancelled``
-the stream (at any chunk, the first included), the     (counted); with ``interrupted="reserved"``
-task was cancelled, a timeout, ``KeyboardInterrupt``   the whole reservation
-failed after output arrived (provider error            prompt estimate + output received so far    ``error``
-mid-stream, broken connection)                         (or the reservation, as above)
-failed before any output and not interrupted (the      nothing                                     ``error``
-provider answered with an error status, a connection
-that never opened, ...)
-reported malformed usage                               the reservation; ``UsageError`` is raised   ``error``
-                                                       after settling when the call itself
-                                                       succeeded
-=====================================================  ==========================================  ===========
+* completed, usage reported: the reported usage; outcome ``ok`` (``fell_back`` or
+  ``compressed`` when an overflow policy changed the call);
+* answered from LangChain's cache: nothing; ``cached``;
+* completed, no usage reported (a stream without its usage chunk): the prompt estimate plus
+  the output counted; ``ok``;
+* refused, or ended before the request was sent: nothing, the reservation is released;
+  ``cancelled`` or ``error``;
+* interrupted after it was sent (the consumer stopped the stream at any chunk, the first
+  included; the task was cancelled; a timeout; ``KeyboardInterrupt``): the prompt estimate
+  plus the output received so far, counted; ``cancelled``;
+* failed after output arrived (a provider error mid-stream, a broken connection): the same;
+  ``error``;
+* failed before any output and not interrupted (the provider answered with an error status,
+  a connection that never opened): nothing; ``error``;
+* reported malformed usage: the reservation, and ``UsageError`` is raised after settling when
+  the call itself succeeded; ``error``.
 
-.. [#] or ``fell_back`` / ``compressed`` when an overflow policy changed the call.
+With ``interrupted="reserved"``, the two "received so far" cases charge the whole reservation
+instead.
 
 Why an interrupted call is charged what was received: OpenAI bills a request it has started
 to process for its prompt and for the output it generated, whether or not the client read

@@ -79,7 +79,10 @@ def thread(tid: str = "t1", **configurable: Any) -> dict[str, Any]:
     return {"configurable": {"thread_id": tid, **configurable}}
 
 
-async def ask(mode: str, agent: Any, text: str, config: dict[str, Any], ctx: Ctx | None = Ctx("alice")) -> Any:
+ALICE = Ctx("alice")
+
+
+async def ask(mode: str, agent: Any, text: str, config: dict[str, Any], ctx: Ctx | None = ALICE) -> Any:
     inputs = {"messages": [HumanMessage(text)]}
     if mode == "sync":
         return await asyncio.to_thread(agent.invoke, inputs, config, context=ctx)
@@ -106,7 +109,9 @@ async def test_every_model_call_of_the_loop_is_charged_what_the_server_counted(
     assert guard.store.open_reservations() == 0
 
 
-async def test_scope_from_configurable_and_metadata_when_there_is_no_context(mode: str, server: StubOpenAIServer) -> None:
+async def test_scope_from_configurable_and_metadata_when_there_is_no_context(
+    mode: str, server: StubOpenAIServer
+) -> None:
     guard = BudgetGuard([Budget("per-user", limit=10_000, per="user_id"), Budget("org", limit=10_000, per="org")])
     agent = agent_for(chat(server), [guard.middleware()])
     config = {"configurable": {"thread_id": "t2", "user_id": "bob"}, "metadata": {"org": "acme"}}
@@ -168,7 +173,10 @@ async def test_compress_prompt_shortens_the_requests_messages(mode: str, server:
 async def test_wait_for_refill_waits_inside_the_loop(mode: str, server: StubOpenAIServer) -> None:
     clock = FakeClock()
     guard = BudgetGuard(
-        [Budget("g", limit=400, refill_per_second=10)], clock=clock, policies=[wait_for_refill(max_wait=60)], ledger=False
+        [Budget("g", limit=400, refill_per_second=10)],
+        clock=clock,
+        policies=[wait_for_refill(max_wait=60)],
+        ledger=False,
     )
     agent = agent_for(chat(server, max_tokens=150), [guard.middleware()])
     await ask(mode, agent, QUESTION, thread("w1"))
@@ -279,10 +287,13 @@ async def test_model_fallback_middleware_catches_the_refusal(mode: str, server: 
 
 async def test_summarization_middlewares_summary_call_is_metered(mode: str, server: StubOpenAIServer) -> None:
     guard = BudgetGuard([Budget("per-user", limit=100_000, per="user_id")], ledger=False)
-    summarizer = SummarizationMiddleware(guard.model(chat(server, "gpt-4o-mini")), trigger=("messages", 4), keep=("messages", 2))
+    summarizer = SummarizationMiddleware(
+        guard.model(chat(server, "gpt-4o-mini")), trigger=("messages", 4), keep=("messages", 2)
+    )
     agent = agent_for(chat(server), [summarizer, guard.middleware()])
     config = thread("sum")
-    agent.update_state(config, {"messages": [HumanMessage(f"note {i}") if i % 2 == 0 else AIMessage(f"ok {i}") for i in range(6)]})
+    earlier = [HumanMessage(f"note {i}") if i % 2 == 0 else AIMessage(f"ok {i}") for i in range(6)]
+    agent.update_state(config, {"messages": earlier})
     await ask(mode, agent, QUESTION, config)
     assert "gpt-4o-mini" in [r.model for r in server.requests]  # the summary call went out
     assert guard.remaining("per-user", user_id="alice") == 100_000 - spent(server)  # ... and was charged
