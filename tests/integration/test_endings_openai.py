@@ -140,7 +140,7 @@ async def test_a_wait_for_timeout_is_charged_its_prompt_at_once(
     guard = BudgetGuard([Budget("g", limit=LIMIT)], ledger=ledger)
     server.enqueue(ScriptedResponse(latency=5.0))
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for((guard | (PROMPT | chat(server))).ainvoke({"q": "slow"}), timeout=0.5)
+        await asyncio.wait_for((guard | (PROMPT | chat(server))).ainvoke({"q": "slow"}), timeout=2.0)
     assert server.request_count == 1
     assert guard.store.open_reservations() == 0
     assert guard.remaining("g") == LIMIT - server.requests[-1].prompt_tokens
@@ -153,7 +153,7 @@ async def test_a_request_timeout_is_charged_its_prompt(
     guard = BudgetGuard([Budget("g", limit=LIMIT)], ledger=ledger)
     server.enqueue(ScriptedResponse(latency=5.0))
     with pytest.raises(openai.APITimeoutError):
-        await run.invoke(guard | (PROMPT | chat(server, timeout=0.5)), {"q": "slow"})
+        await run.invoke(guard | (PROMPT | chat(server, timeout=1.5)), {"q": "slow"})
     assert guard.store.open_reservations() == 0
     assert guard.remaining("g") == LIMIT - server.requests[-1].prompt_tokens
     assert outcomes(ledger) == ["cancelled"]
