@@ -80,7 +80,9 @@ class BudgetEngine:
         charged = [b for b in self.budgets.values() if b.name not in self._lenders]
         self._charged = tuple(b for b in charged if b.unit in MODEL_UNITS)
         self._tool_budgets = tuple(b for b in charged if b.unit == "tool_calls")
-        self._per_key = tuple(b for b in self.budgets.values() if b.per is not None)
+        # The per-key budgets a model call needs scopes for, and those a tool call does.
+        self._per_key = tuple(b for b in self._charged if b.per is not None)
+        self._per_key_tools = tuple(b for b in self._tool_budgets if b.per is not None)
         if not (isinstance(lease_seconds, (int, float)) and math.isfinite(lease_seconds) and lease_seconds > 0):
             msg = f"lease_seconds must be a positive number of seconds, got {lease_seconds!r}"
             raise ConfigurationError(msg)
@@ -116,14 +118,15 @@ class BudgetEngine:
     # -- scopes and queries ------------------------------------------------------------
 
     def scopes_for(
-        self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None, *, run: Any = None
+        self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None, *, run: Any = None, tools: bool = False
     ) -> dict[str, dict[str, str]]:
-        """Resolve the scope of every per-key budget (global ones have none).
+        """Resolve the scope of every per-key budget a model call (or a tool call) is charged to.
 
         Args:
             config: The run config (``configurable``, then ``metadata``).
             context: Values looked up first (an agent's runtime context).
             run: The run's id, for ``per="run"`` budgets.
+            tools: Resolve the ``"tool_calls"`` budgets' scopes instead of the model calls'.
 
         Raises:
             MissingScopeError: A per-key budget has no value for its key.
@@ -131,7 +134,7 @@ class BudgetEngine:
         """
         if run is not None:
             context = {**(context or {}), RUN_SCOPE: run}
-        return {b.name: b.scope_for(config, context) for b in self._per_key}
+        return {b.name: b.scope_for(config, context) for b in (self._per_key_tools if tools else self._per_key)}
 
     def _spec(self, budget: Budget, scope: Mapping[str, str], now: float | None = None) -> BucketSpec:
         """The bucket of ``budget`` for ``scope``, as of ``now`` (kept until its period ends)."""

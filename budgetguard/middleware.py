@@ -116,11 +116,12 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
     async def abefore_agent(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
         return self.before_agent(state, runtime)
 
-    def _scoped(self, state: Mapping[str, Any], runtime: Any) -> dict[str, tuple[Any, Any]]:
+    def _scoped(self, state: Mapping[str, Any], runtime: Any, *, tools: bool = False) -> dict[str, tuple[Any, Any]]:
         """This guard's scopes and root run for a call of this agent run (see ``INVOCATION``)."""
         run = state.get(_RUN_KEY) or str(uuid7())  # resumed after an interrupt: a new run
         config = ensure_config()  # the agent node's config, as LangGraph set it
-        scopes = self.engine.scopes_for(config, context_mapping(getattr(runtime, "context", None)), run=run)
+        context = context_mapping(getattr(runtime, "context", None))
+        scopes = self.engine.scopes_for(config, context, run=run, tools=tools)
         return {**INVOCATION.get(), self.engine.uid: (scopes, UUID(run))}
 
     # -- model calls -------------------------------------------------------------------
@@ -174,7 +175,7 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
 
     def _tool_hold(self, request: ToolCallRequest) -> tuple[str, tuple[Any, ...]] | None:
         name = str(request.tool_call.get("name"))
-        scopes = self._scoped(request.state or {}, request.runtime)[self.engine.uid][0]
+        scopes = self._scoped(request.state or {}, request.runtime, tools=True)[self.engine.uid][0]
         lines = self.engine.tool_lines(name, scopes)
         return (f"tool:{uuid7()}", lines) if lines else None
 

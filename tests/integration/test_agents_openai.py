@@ -250,6 +250,8 @@ async def test_tool_call_budget_per_tool(mode: str, server: StubOpenAIServer) ->
     assert len(refused) == 1 and "weather" in refused[0].content
     assert out["messages"][-1].type == "ai"  # the model was told, and answered
     assert guard.remaining("weather", thread_id="tb") == 0
+    # a tool budget's scope is needed by tool calls only: guarding a plain chain needs no thread id
+    assert (guard | chat(server)).invoke("hi").content
     strict = BudgetGuard([Budget("weather", limit=0.5, unit="tool_calls", tool="get_weather")])
     with pytest.raises(BudgetExceeded, match="tool calls"):
         await ask(mode, agent_for(chat(server), [strict.middleware()]), QUESTION, thread("tc"))
