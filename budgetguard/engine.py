@@ -118,7 +118,12 @@ class BudgetEngine:
     # -- scopes and queries ------------------------------------------------------------
 
     def scopes_for(
-        self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None, *, run: Any = None, tools: bool = False
+        self,
+        config: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+        *,
+        run: Any = None,
+        tools: bool = False,
     ) -> dict[str, dict[str, str]]:
         """Resolve the scope of every per-key budget a model call (or a tool call) is charged to.
 
