@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from budgetguard.money import format_usd
+
 __all__ = [
     "BudgetExceeded",
     "BudgetGuardError",
@@ -44,7 +46,7 @@ _UNIT_NOUNS = {"tokens": "tokens", "calls": "model calls", "tool_calls": "tool c
 
 def _fmt_amount(amount: float, unit: str) -> str:
     if unit == "usd":
-        return f"${amount:,.4f}" if abs(amount) < 1 else f"${amount:,.2f}"
+        return format_usd(amount)
     noun = _UNIT_NOUNS.get(unit, unit)
     return f"{math.ceil(amount):,} {noun}" if amount >= 0 else f"{math.floor(amount):,} {noun}"
 

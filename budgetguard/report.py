@@ -19,6 +19,7 @@ from html import escape
 from typing import Any
 
 from budgetguard.ledger import Ledger
+from budgetguard.money import format_usd
 from budgetguard.ledger_query import AccuracyRow, Row, resolve_dimensions, select_top, time_range
 
 __all__ = [
@@ -56,12 +57,7 @@ def format_cost(value: float | None, decimals: int | None = None) -> str:
         return "-"
     if decimals is not None:
         return f"${value:,.{decimals}f}"
-    if value == 0 or abs(value) >= 1:
-        return f"${value:,.2f}"
-    places = 2 - math.floor(math.log10(abs(value)))  # the third significant digit
-    whole, _, fraction = f"{value:.{max(places, 2)}f}".partition(".")
-    fraction = fraction.rstrip("0").ljust(2, "0")
-    return f"-${whole.lstrip('-')}.{fraction}" if value < 0 else f"${whole}.{fraction}"
+    return format_usd(value)
 
 
 def format_tokens(value: float) -> str:

@@ -179,3 +179,8 @@ def test_utc_default_timezone() -> None:
     b = Budget("b", limit=1, period="day")
     start, _ = b.period_bounds(datetime(2026, 5, 5, 23, 30, tzinfo=timezone.utc).timestamp())
     assert start == ts(2026, 5, 5)
+
+
+def test_a_usd_refusal_tells_cheap_amounts_apart() -> None:
+    err = BudgetExceeded("usd", unit="usd", requested=0.0000375, available=0.0000122, retry_after=None)
+    assert "needs $0.0000375, $0.0000122 available" in str(err)
