@@ -14,7 +14,6 @@ calls where they happen:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from budgetguard.engine import BudgetEngine
@@ -25,12 +24,6 @@ from budgetguard.metered import metered_copy
 if TYPE_CHECKING:
     from langchain_core.runnables import Runnable
 
-    from budgetguard.budgets import Budget
-    from budgetguard.clock import Clock
-    from budgetguard.estimate import TokenEstimator
-    from budgetguard.flow import OverflowPolicy
-    from budgetguard.pricing import PriceTable
-    from budgetguard.stores import Store
 
 __all__ = ["BudgetGuard", "GuardedRunnable"]
 
@@ -65,42 +58,14 @@ class BudgetGuard(BudgetEngine):
 
     Raises:
         ConfigurationError: Duplicate budget names, ``borrow_from`` naming no global
-            budget of the same unit, no budgets at all, or a bad setting.
+            budget of the same unit, no budgets at all, or a bad setting (checked before
+            any store or ledger file is made).
 
     Example:
         >>> guard = BudgetGuard(budgets=[Budget("per-user", limit=20_000, per="user_id", period="day")])
         >>> guard.remaining("per-user", user_id="alice")
         20000.0
     """
-
-    def __init__(
-        self,
-        budgets: Sequence[Budget],
-        *,
-        store: Store | str | None = None,
-        prices: PriceTable | None = None,
-        estimator: TokenEstimator | None = None,
-        policies: Sequence[OverflowPolicy] = (),
-        ledger: Any = None,
-        alerts: Any = None,
-        lease_seconds: float = 600.0,
-        fail_open: bool = False,
-        interrupted: str = "received",
-        clock: Clock | None = None,
-    ) -> None:
-        super().__init__(
-            budgets,
-            store=store,
-            prices=prices,
-            estimator=estimator,
-            policies=policies,
-            ledger=ledger,
-            alerts=alerts,
-            lease_seconds=lease_seconds,
-            fail_open=fail_open,
-            interrupted=interrupted,
-            clock=clock,
-        )
 
     def __or__(self, other: Any) -> Runnable[Any, Any]:
         """``guard | runnable``: meter every model call made inside ``runnable``."""

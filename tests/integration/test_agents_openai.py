@@ -21,11 +21,17 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Too
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
+from openai_helpers import chat as openai_chat
 
 from budgetguard import Budget, BudgetExceeded, BudgetGuard, FakeClock
 from budgetguard.ledger import Ledger
-from budgetguard.policies import cap_output, cheaper_model, compress_prompt, wait_for_refill
-from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, ScriptedResponse, StubOpenAIServer
+from budgetguard.policies import (
+    cap_output,
+    cheaper_model,
+    compress_prompt,
+    wait_for_refill,
+)
+from budgetguard.testing import ScriptedResponse, StubOpenAIServer
 
 QUESTION = "What is the weather in Paris?"
 
@@ -43,16 +49,8 @@ def get_weather(city: str) -> str:
     return f"It is sunny in {city}."
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubOpenAIServer]:
-    with StubOpenAIServer(reply_tokens=25) as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _fresh(server: StubOpenAIServer) -> None:
-    server.reset()
-    server.context_windows = dict(DEFAULT_CONTEXT_WINDOWS)
+REPLY_TOKENS = 25
+pytestmark = pytest.mark.usefixtures("fresh_server")
 
 
 @pytest.fixture
@@ -63,7 +61,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 def chat(server: StubOpenAIServer, model: str = "gpt-4", **kw: Any) -> ChatOpenAI:
     kw.setdefault("max_tokens", 60)
-    return ChatOpenAI(model=model, base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+    return openai_chat(server, model, **kw)
 
 
 def agent_for(llm: Any, middleware: list[Any], **kw: Any) -> Any:

@@ -26,29 +26,19 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.rate_limiters import InMemoryRateLimiter
 from langchain_core.runnables import RunnableLambda
-from langchain_openai import ChatOpenAI
+from openai_helpers import chat
 
 import budgetguard.lcel
 from budgetguard import Budget, BudgetExceeded, BudgetGuard
 from budgetguard.ledger import Ledger
 from budgetguard.policies import cap_output
-from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, ScriptedResponse, StubOpenAIServer
+from budgetguard.testing import ScriptedResponse, StubOpenAIServer
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assistant."), ("human", "{q}")])
 LIMIT = 10_000
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubOpenAIServer]:
-    with StubOpenAIServer(reply_tokens=30) as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _fresh(server: StubOpenAIServer) -> None:
-    server.reset()
-    server.context_windows = dict(DEFAULT_CONTEXT_WINDOWS)
-    server.stream_usage = None
+pytestmark = pytest.mark.usefixtures("fresh_server")
 
 
 @pytest.fixture(params=["in-place", "callbacks"])
@@ -64,12 +54,6 @@ def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
     with Ledger(tmp_path / "ledger.sqlite3") as led:
         yield led
-
-
-def chat(server: StubOpenAIServer, **kw: Any) -> ChatOpenAI:
-    kw.setdefault("max_tokens", 50)
-    kw.setdefault("model", "gpt-4")
-    return ChatOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
 
 
 def outcomes(ledger: Ledger) -> list[str]:

@@ -6,19 +6,19 @@ cl100k model (gpt-4) the guard's estimate must equal what the server reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI, OpenAI
+from langchain_openai import OpenAI
+from openai_helpers import chat
 
 import budgetguard.lcel
 from budgetguard import Budget, BudgetExceeded, BudgetGuard, ContextWindowExceeded
 from budgetguard.encodings import load_bundled
-from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, StubOpenAIServer
+from budgetguard.testing import StubOpenAIServer
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assistant."), ("human", "{q}")])
 
@@ -31,22 +31,7 @@ def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return str(request.param)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubOpenAIServer]:
-    with StubOpenAIServer(reply_tokens=30) as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _fresh(server: StubOpenAIServer) -> None:
-    server.reset()
-    server.context_windows = dict(DEFAULT_CONTEXT_WINDOWS)
-    server.stream_usage = None
-
-
-def chat(server: StubOpenAIServer, model: str = "gpt-4", **kw: Any) -> ChatOpenAI:
-    kw.setdefault("max_tokens", 50)
-    return ChatOpenAI(model=model, base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+pytestmark = pytest.mark.usefixtures("fresh_server")
 
 
 def long_history(turns: int) -> list:

@@ -7,38 +7,22 @@ through callbacks, where only ``wait_for_refill`` applies: see ``test_policies.p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_openai import ChatOpenAI
+from openai_helpers import chat
 from pydantic import BaseModel
 
 from budgetguard import Budget, BudgetGuard
 from budgetguard.policies import cheaper_model, compress_prompt
-from budgetguard.testing import DEFAULT_CONTEXT_WINDOWS, StubOpenAIServer
+from budgetguard.testing import StubOpenAIServer
 
 PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assistant."), ("human", "{q}")])
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[StubOpenAIServer]:
-    with StubOpenAIServer(reply_tokens=30) as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _fresh(server: StubOpenAIServer) -> None:
-    server.reset()
-    server.context_windows = dict(DEFAULT_CONTEXT_WINDOWS)
-    server.stream_usage = None
-
-
-def chat(server: StubOpenAIServer, model: str = "gpt-4", **kw: Any) -> ChatOpenAI:
-    kw.setdefault("max_tokens", 50)
-    return ChatOpenAI(model=model, base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
+pytestmark = pytest.mark.usefixtures("fresh_server")
 
 
 def long_history(turns: int) -> list:
