@@ -65,7 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import langchain_core
 import tiktoken
+import tiktoken.registry
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
+from langchain_core.messages import convert_to_openai_messages
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.config import ensure_config
@@ -120,23 +122,29 @@ def make_guard(*extra: Budget) -> BudgetGuard:
 
 
 class PreCount:
-    """The ``precount`` case: a hand-rolled tiktoken pre-count in front of the model."""
+    """The ``precount`` case: a hand-rolled tiktoken pre-count in front of the chain.
 
-    def __init__(self, prompt: Any, chain: Any, encoding_name: str) -> None:
-        self.prompt, self.chain, self.encoding_name = prompt, chain, encoding_name
+    It counts the way ``tokencost.count_message_tokens`` does: the messages as OpenAI dicts,
+    ``tiktoken.encoding_for_model`` on every call, every key's value encoded, 3 per message
+    and 3 for the reply.
+    """
+
+    def __init__(self, prompt: Any, chain: Any, model: str) -> None:
+        self.prompt, self.chain, self.model = prompt, chain, model
         self.lock = threading.Lock()
         self.left: dict[str, float] = defaultdict(lambda: 1e12)
 
     def count(self, messages: list[Any]) -> int:
-        enc = tiktoken.get_encoding(self.encoding_name)  # looked up per call, as tokencost does
-        n = 3  # reply priming
-        for m in messages:
-            n += 3 + len(enc.encode(m.type)) + len(enc.encode(str(m.content)))
+        enc = tiktoken.encoding_for_model(self.model)
+        n = 3
+        for message in convert_to_openai_messages(messages):
+            n += 3
+            for value in message.values():
+                n += len(enc.encode(str(value)))
         return n
 
     def invoke(self, x: dict[str, Any], user: str = "alice") -> Any:
-        messages = self.prompt.format_messages(**x)
-        held = self.count(messages) + 64
+        held = self.count(self.prompt.format_messages(**x)) + 64
         with self.lock:
             if self.left[user] < held:
                 msg = "over budget"
@@ -211,7 +219,10 @@ def build() -> dict[str, Any]:
     minimal_guard = _FLOOR["minimal_guard"] = make_guard()
     _FLOOR["minimal_spec"] = minimal_guard._spec(minimal_guard.budgets["g"], {})
     minimal = prompt | MinimalModel(max_tokens=64, replies=REPLIES)
-    precount = PreCount(prompt, chain, guard.estimator.encoding_for(name).encoding.name)
+    # tiktoken cannot download o200k here: put budgetguard's bundled copy in tiktoken's registry,
+    # where encoding_for_model finds it (on a machine with network, tiktoken loads the same file).
+    tiktoken.registry.ENCODINGS.setdefault("o200k_base", guard.estimator.encoding_for(name).encoding)
+    precount = PreCount(prompt, chain, name)
     sync_cases: dict[str, Callable[[Any], Any]] = {
         "base": chain.invoke,
         "noop-cb": lambda x: chain.invoke(x, noop_cfg),
