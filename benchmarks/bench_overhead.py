@@ -20,7 +20,7 @@ machine do not count, and the figure is the median over all calls of all rounds:
 3. ``guard``: ``guard | (prompt | model)`` with ``BudgetGuard([Budget("g", limit=1e12)])``,
    in-memory store, no ledger: the model is a metered copy (no callback handler).
 4. ``guard-cb``: the model called inside a ``RunnableLambda``, which the guard cannot reach:
-   metered by the callback meters.
+   metered by the callback meters; ``base-lambda`` is that chain unguarded.
 5. ``guard+user``: 3 plus a per-user budget (``per="user_id"``, ``configurable.user_id``).
    ``usage-cb``: the chain with LangChain's own ``UsageMetadataCallbackHandler``, which only
    counts usage after the fact (no estimate, no reservation, nothing refused).
@@ -208,7 +208,8 @@ def build() -> dict[str, Any]:
     noop_cfg = {"callbacks": [NoOpHandler()]}
     user_cfg = {"configurable": {"user_id": "alice"}}
     guarded = guard | chain
-    guarded_cb = guard_cb | (prompt | RunnableLambda(lambda p, config: model.invoke(p, config)))
+    hidden = prompt | RunnableLambda(lambda p, config: model.invoke(p, config))  # a model the guard cannot reach
+    guarded_cb = guard_cb | hidden
     assert guarded.covered and not guarded_cb.covered
     guarded_u = guard_u | chain
     floor_model = FloorModel(max_tokens=64, replies=REPLIES)
@@ -229,6 +230,7 @@ def build() -> dict[str, Any]:
         "usage-cb": lambda x: chain.invoke(x, {"callbacks": [UsageMetadataCallbackHandler()]}),
         "precount": precount.invoke,
         "guard": guarded.invoke,
+        "base-lambda": hidden.invoke,
         "guard-cb": guarded_cb.invoke,
         "guard+user": lambda x: guarded_u.invoke(x, user_cfg),
         "floor": floor.invoke,
@@ -347,7 +349,8 @@ def report(env: dict[str, Any], samples: dict[str, list[int]]) -> dict[str, floa
         f"LangChain's usage callback +{added['usage-cb']:.1f} us "
         f"(target: guard below precount: {verdict})")
     log(f"  for reference, LangChain's callback machinery (noop-cb - base): +{added['noop-cb']:.1f} us")
-    log(f"guard-cb over base:  +{med['guard-cb'] - med['base']:.1f} us/call (callback meters)")
+    log(f"guard-cb over base-lambda: +{med['guard-cb'] - med['base-lambda']:.1f} us/call (callback meters, "
+        "against the same chain with the model in a lambda)")
     log(f"aguard over abase:   +{med['aguard'] - med['abase']:.1f} us/call")
     log(f"guard+user over guard: +{med['guard+user'] - med['guard']:.1f} us/call")
     log(f"floor over base:     +{med['floor'] - med['base']:.1f} us/call (paired {paired['floor']:.3f}x): "
