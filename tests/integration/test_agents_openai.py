@@ -273,6 +273,22 @@ async def test_a_cancelled_agent_run_holds_nothing(server: StubOpenAIServer, led
     assert [r.outcome for r in ledger.records()] == ["cancelled"]
 
 
+async def test_a_cancelled_run_of_a_guarded_agent_holds_nothing(server: StubOpenAIServer) -> None:
+    # guard | agent meters from the outside, through callbacks: the cancellation that skips
+    # on_llm_error is settled when the agent's outermost run ends cancelled.
+    guard = BudgetGuard([Budget("g", limit=10_000)], ledger=False)
+    guarded = guard | agent_for(chat(server), [])
+    server.enqueue(ScriptedResponse(latency=5.0))
+    task = asyncio.create_task(guarded.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=Ctx("a")))
+    while server.request_count == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert guard.store.open_reservations() == 0
+    assert guard.remaining("g") == 10_000 - server.requests[0].prompt_tokens
+
+
 # -- with LangChain's own middlewares ---------------------------------------------------------------
 
 
