@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -102,14 +103,19 @@ SAMPLE = [
 ]  # fmt: skip
 
 
-SINKS = ["sqlite", "jsonl", "memory"]
+SINKS = ["sqlite", "jsonl", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
 @pytest.fixture
 def make_sink(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """``make_sink(kind)``: a new, empty sink."""
+    """``make_sink(kind)``: a new, empty sink; PostgreSQL ones each in a schema of their own."""
 
     def make(kind: str) -> Any:
+        if kind == "postgres":
+            from budgetguard.ledger_postgres import PostgresSink
+
+            server = request.getfixturevalue("postgres_server")
+            return PostgresSink(server.url, schema=f"t_{uuid.uuid4().hex[:12]}")
         return {
             "sqlite": lambda: SQLiteSink(tmp_path / "ledger.sqlite3"),
             "jsonl": lambda: JSONLSink(tmp_path / "ledger.jsonl"),
@@ -455,9 +461,10 @@ def test_rows_serialise_flat(ledger: Ledger) -> None:
     assert json.loads(json.dumps(data)) == data
 
 
+@pytest.mark.postgres
 def test_sinks_answer_identically(make_sink: Any) -> None:
     answers = []
-    for kind in ("sqlite", "jsonl", "memory"):
+    for kind in ("sqlite", "jsonl", "memory", "postgres"):
         led = Ledger(make_sink(kind))
         for r in SAMPLE:
             led.record(r)
@@ -469,7 +476,7 @@ def test_sinks_answer_identically(make_sink: Any) -> None:
             + [[r.to_dict() for r in led.accuracy(by="feature")]]
         )
         led.close()
-    assert answers[0] == answers[1] == answers[2]
+    assert answers[0] == answers[1] == answers[2] == answers[3]
 
 
 # -- the writer: durable on return, shared writes, failures ------------------------------
