@@ -377,6 +377,7 @@ class BudgetGuard:
         actuals = self._claim_settlement(ticket, usage)
         if actuals is None:
             return
+        self.record_settled(ticket, usage, outcome, error)
         if not ticket.fail_open:
             self.store.settle(ticket.id, actuals)
         self.after_settle(ticket, usage, actuals, outcome, error)
@@ -388,9 +389,23 @@ class BudgetGuard:
         actuals = self._claim_settlement(ticket, usage)
         if actuals is None:
             return
+        # On the loop, not in a thread: no await (so no cancellation point, no executor) before the settle.
+        self.record_settled(ticket, usage, outcome, error)
         if not ticket.fail_open:
             await self.store.asettle(ticket.id, actuals)
         self.after_settle(ticket, usage, actuals, outcome, error)
+
+    def record_settled(self, ticket: Ticket, usage: Usage | None, outcome: str, error: BaseException | None) -> None:
+        """Write a settled call's ledger record; it is stored when this returns.
+
+        Called before the store settles the call: a process killed in between leaves a
+        lease whose sweep records ``expired``, which replaces this record's charge (see
+        :mod:`budgetguard.ledger_sql`), so the ledger never misses a charge the store made.
+        """
+        if self._ledger is not None:
+            from budgetguard.recording import record_settled
+
+            record_settled(self, ticket, usage, outcome, error)
 
     @property
     def ledger(self) -> Any:
@@ -424,7 +439,7 @@ class BudgetGuard:
         outcome: str,
         error: BaseException | None,
     ) -> None:
-        """Log, record and check alerts for a settled call."""
+        """Log and check alerts for a settled call (its record was written before the settle)."""
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "budgetguard: %s %s reserved %s, used %s (%s)",
@@ -434,10 +449,6 @@ class BudgetGuard:
                 {ln.budget.name: round(a, 6) for ln, a in zip(ticket.lines, actuals)},
                 "fail-open" if ticket.fail_open else "settled",
             )
-        if self._ledger is not None:
-            from budgetguard.recording import record_settled
-
-            record_settled(self, ticket, usage, outcome, error)
         if self.alerts is not None and not ticket.fail_open:
             from budgetguard.recording import observe_alerts
 
