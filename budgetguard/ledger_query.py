@@ -132,7 +132,8 @@ class Dimension:
                 if w is None:
                     parts.append(f"({jtype} IS NULL OR {jtype} = 'null')")
                     continue
-                equal, extra = dialect.member_equals(value, w if isinstance(w, (bool, int, float, dict, list)) else str(w))
+                json_value = w if isinstance(w, (bool, int, float, dict, list)) else str(w)
+                equal, extra = dialect.member_equals(value, json_value)
                 parts.append(f"({jtype} IN ({_json_types(w)}) AND {equal})")
                 params.extend(extra)
         else:

@@ -41,7 +41,18 @@ from typing import Any
 
 from budgetguard.ledger import CHARGE_FIELDS, EXPIRED, LedgerRecord, _utc_day
 
-__all__ = ["COLUMNS", "JSON_FIELDS", "POSTGRES", "SCHEMA_VERSION", "SQLITE", "Dialect", "PostgresDialect", "canon_json", "from_row", "to_row"]
+__all__ = [
+    "COLUMNS",
+    "JSON_FIELDS",
+    "POSTGRES",
+    "SCHEMA_VERSION",
+    "SQLITE",
+    "Dialect",
+    "PostgresDialect",
+    "canon_json",
+    "from_row",
+    "to_row",
+]
 
 SCHEMA_VERSION = 2
 JSON_FIELDS = ("scope", "tags", "metadata", "budgets")

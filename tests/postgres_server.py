@@ -138,8 +138,8 @@ class PostgresServer:
         if self.running:
             return self
         if not (self.data / "PG_VERSION").exists():
-            self._check([str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.role, "-A", "trust", "-E", "UTF8",
-                         "--no-sync", "--locale=C"])  # fmt: skip
+            initdb = [str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.role, "-A", "trust"]
+            self._check([*initdb, "-E", "UTF8", "--no-sync", "--locale=C"])
         log = self.dir / "postgres.log"
         args = [
             str(self.bindir / "postgres"),
