@@ -186,8 +186,8 @@ class LedgerRecord:
 
     Token counts are the provider's actual usage (0 for a denied call); ``estimated_*``
     are what the guard reserved before the call. ``scope``/``tags``/``metadata`` must not
-    be mutated after the record is handed to :meth:`Ledger.record` (it is written later,
-    on a background thread). Metadata values are stored as JSON; others are ``str()``'d.
+    be mutated after the record is handed to :meth:`Ledger.record` (while the sink fails it
+    is kept and written later). Metadata values are stored as JSON; others are ``str()``'d.
 
     Attributes:
         ts: Unix seconds (UTC) when the call started.

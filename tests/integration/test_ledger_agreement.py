@@ -193,3 +193,33 @@ def test_sigkill_at_any_point_leaves_redis_store_and_postgres_ledger_in_agreemen
     name = f"agree_{uuid.uuid4().hex[:10]}"
     target = (redis_server.url, name, postgres_server.create_database(name))
     check_agreement(target, kill_three_of_four(target, "sync"))
+
+
+async def test_a_call_swept_while_it_runs_is_recorded_once_at_what_the_store_charged(
+    run: Any, clock: Any, tmp_path: Path
+) -> None:
+    """A slow call outlives its lease; another process sweeps it, then the call ends.
+
+    The store charged the sweep (the late settle changes nothing), so the ledger must hold
+    one record for the call, with the sweep's charge and the call's own description.
+    """
+    store, ledger = f"sqlite:///{tmp_path / 'store.db'}", str(tmp_path / "ledger.sqlite3")
+    slow = BudgetGuard([Budget("g", limit=LIMIT)], store=store, ledger=ledger, lease_seconds=30, clock=clock)
+    other = BudgetGuard([Budget("g", limit=LIMIT)], store=store, ledger=ledger, lease_seconds=30, clock=clock)
+    quick = UsageFakeChatModel(model_name="gpt-4", input_tokens=7, replies=["quick"])
+
+    def outlive_the_lease() -> None:
+        clock.advance(31)
+        (other | quick).invoke("hello", {"metadata": {"worker": "other"}})  # its reserve sweeps
+
+    model = UsageFakeChatModel(model_name="gpt-4", input_tokens=7, replies=["one two"], on_call=outlive_the_lease)
+    await run.invoke(slow | model, "hello", {"metadata": {"worker": "slow"}})
+    for guard in (slow, other):
+        guard.ledger.close()
+    with open_ledger(ledger) as reader:
+        records = list(reader.records())
+        total = reader.totals()[0].total_tokens
+    assert total == LIMIT - slow.remaining("g")
+    (swept,) = [r for r in records if r.metadata.get("worker") == "slow"]
+    assert swept.outcome == "expired" and len(records) == 2
+    assert swept.input_tokens + swept.output_tokens == swept.estimated_input_tokens + swept.estimated_output_tokens
