@@ -386,11 +386,12 @@ class Ledger:
         _OPEN_LEDGERS.add(self)
 
     def _init_sync(self) -> None:  # also run in a forked child: fresh locks, nothing pending
-        self._state = threading.Lock()  # guards the queue and the counters below
-        self._writing = threading.Lock()  # one sink write at a time
+        # One condition guards the queue and the counters; it is released during a write.
+        self._state = threading.Condition(threading.Lock())
         self._pending: deque[LedgerRecord] = deque()
         self._queued = 0  # records ever queued
         self._handled = 0  # of those, how many a write has taken care of (written, or kept to retry)
+        self._writing = False  # a write is in progress (one at a time)
         self._failing = False  # the sink failed: records wait for the retry thread
         self._retrier: threading.Thread | None = None
         self._last_error: BaseException | None = None
@@ -416,11 +417,11 @@ class Ledger:
     def record(self, rec: LedgerRecord) -> None:
         """Store one call's record; return once it is stored. Never raises.
 
-        Called by several threads at once, the calls share writes: one caller writes every
-        record waiting, the others find theirs done. While the sink is failing, the record
-        is kept in memory for the retry thread instead, and the call returns at once (one
-        warning says so). ``prompt``/``completion`` are stripped unless the ledger keeps
-        text.
+        Callers share writes: the first to find no write in progress writes every record
+        waiting at that moment; the others wait for a write that carries theirs (or take
+        the next turn). While the sink is failing, the record is kept in memory for the
+        retry thread instead and the call returns at once (one warning says so).
+        ``prompt``/``completion`` are stripped unless the ledger keeps text.
         """
         if not self._store_text and (rec.prompt is not None or rec.completion is not None):
             rec = replace(rec, prompt=None, completion=None)
@@ -431,31 +432,38 @@ class Ledger:
             self._pending.append(rec)
             self._queued += 1
             mine = self._queued
-            if self._failing:
-                return
-        with self._writing:
-            if self._handled < mine:  # nobody wrote it while we waited for the sink
-                self._write_pending()
+            while self._handled < mine and not self._failing:
+                if self._writing:
+                    self._state.wait()
+                else:
+                    self._write_pending()
 
     def _write_pending(self) -> bool:
         """Write everything queued, in batches; on failure keep the rest for the retry thread.
 
-        The caller holds ``_writing``. Returns whether everything was written.
+        The caller holds ``_state`` and no write is in progress; ``_state`` is released
+        while the sink writes. Returns whether everything was written.
         """
-        with self._state:
-            batch, upto = list(self._pending), self._queued
-            self._pending.clear()
-        for start in range(0, len(batch), self._batch_size):
-            chunk = batch[start : start + self._batch_size]
-            if not self._write(chunk):
-                with self._state:
-                    self._pending.extendleft(reversed(batch[start:]))
-                    self._handled = upto
-                    self._failing = True
-                    self._start_retrier()
-                return False
-        self._handled = upto
-        return True
+        batch, upto = list(self._pending), self._queued
+        self._pending.clear()
+        self._writing = True
+        unwritten: list[LedgerRecord] = batch
+        self._state.release()
+        try:
+            for start in range(0, len(batch), self._batch_size):
+                if not self._write(batch[start : start + self._batch_size]):
+                    break
+                unwritten = batch[start + self._batch_size :]
+        finally:  # also on KeyboardInterrupt: nothing taken is lost
+            self._state.acquire()
+            self._writing = False
+            self._handled = upto
+            if unwritten:
+                self._pending.extendleft(reversed(unwritten))
+                self._failing = True
+                self._start_retrier()
+            self._state.notify_all()
+        return not unwritten
 
     def _write(self, chunk: list[LedgerRecord]) -> bool:
         try:
@@ -498,6 +506,10 @@ class Ledger:
             }.get(why, why)
             logger.warning("ledger %r: dropping records: %s", self._sink, hint)
 
+    def _turn(self, timeout: float | None = None) -> bool:
+        """Wait (holding ``_state``) until no write is in progress; ``False`` on timeout."""
+        return self._state.wait_for(lambda: not self._writing, timeout)
+
     # -- while the sink fails ------------------------------------------------------------
 
     def _start_retrier(self) -> None:  # called holding _state
@@ -509,15 +521,14 @@ class Ledger:
         delay = self._retry_interval
         while True:
             time.sleep(delay)
-            with self._writing:
+            with self._state:
+                self._turn()
                 if self._closed:
                     return
-                written = self._write_pending()
-                with self._state:
-                    if written and not self._pending:  # checked with _state held: no record slips by
-                        self._failing = False
-                        self._retrier = None
-                        return
+                if self._write_pending() and not self._pending:  # checked holding _state: none slips by
+                    self._failing = False
+                    self._retrier = None
+                    return
             delay = min(delay * 2, 30.0)
 
     # -- flushing and closing ----------------------------------------------------------
@@ -531,20 +542,18 @@ class Ledger:
             LedgerError: The sink still fails (the records stay kept and retried), or
                 another write held the sink for ``timeout`` seconds.
         """
-        if not self._writing.acquire(timeout=-1 if timeout is None else timeout):
-            msg = f"ledger flush timed out after {timeout} s with {len(self._pending)} records unwritten"
-            raise LedgerError(msg)
-        try:
+        with self._state:
+            if not self._turn(timeout):
+                msg = f"ledger flush timed out after {timeout} s with {len(self._pending)} records unwritten"
+                raise LedgerError(msg)
             if self._pending and not self._closed:
                 self._write_pending()
-        finally:
-            self._writing.release()
-        if self._pending and self._last_error is not None:
-            msg = (
-                f"ledger sink {self._sink!r} is failing; {len(self._pending)} records are kept in memory "
-                f"and retried: {self._last_error}"
-            )
-            raise LedgerError(msg) from self._last_error
+            if self._pending and self._last_error is not None:
+                msg = (
+                    f"ledger sink {self._sink!r} is failing; {len(self._pending)} records are kept in memory "
+                    f"and retried: {self._last_error}"
+                )
+                raise LedgerError(msg) from self._last_error
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Try once more to write what is kept, then close the sink. Never raises.
@@ -555,16 +564,14 @@ class Ledger:
             if self._closed:
                 return
             self._closed = True
-        if self._writing.acquire(timeout=-1 if timeout is None else timeout):
-            try:
-                if self._pending:
-                    self._write_pending()
-            finally:
-                self._writing.release()
-        if self._pending:
-            logger.error("ledger %r closed with %d records that could not be written", self._sink, len(self._pending))
-            self._dropped += len(self._pending)
-            self._pending.clear()
+            if self._turn(timeout) and self._pending:
+                self._write_pending()
+            if self._pending:
+                logger.error(
+                    "ledger %r closed with %d records that could not be written", self._sink, len(self._pending)
+                )
+                self._dropped += len(self._pending)
+                self._pending.clear()
         try:
             self._sink.close()
         except Exception as exc:  # noqa: BLE001 - logged, never raised

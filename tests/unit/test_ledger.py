@@ -539,7 +539,9 @@ def test_concurrent_records_share_writes() -> None:
         t.join()
     assert len(stored_on_return) == 160 and all(stored_on_return)
     assert len(sink.records) == 160
-    assert sum(sink.sizes) == 160 and len(sink.sizes) < 100  # several callers' records per write
+    # While one write runs, the other seven callers queue their records; the next write takes
+    # them all (about 1 + 7 per two writes: 40 writes, not 80 or more).
+    assert sum(sink.sizes) == 160 and len(sink.sizes) <= 50
     led.close()
 
 
