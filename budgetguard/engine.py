@@ -427,6 +427,7 @@ class BudgetEngine:
         if claimed is None:
             return
         settled, actuals = claimed
+        self.record_settled(ticket, settled, ending.error)
         if ticket.held:
             self.store.settle(ticket.id, actuals)
         self.after_settle(ticket, settled, actuals, ending.error)
@@ -437,6 +438,8 @@ class BudgetEngine:
         if claimed is None:
             return
         settled, actuals = claimed
+        # On the loop, not in a thread: no await (so no cancellation point) before the settle.
+        self.record_settled(ticket, settled, ending.error)
         if ticket.held:
             await self.store.asettle(ticket.id, actuals)
         self.after_settle(ticket, settled, actuals, ending.error)
@@ -480,10 +483,26 @@ class BudgetEngine:
             self._ledger = default_ledger()
         return self._ledger
 
+    def record_settled(self, ticket: Ticket, settled: Settlement, error: BaseException | None) -> None:
+        """Write a settled call's ledger record; it is stored when this returns.
+
+        Called before the store settles the call: a process killed in between leaves a
+        lease whose sweep records ``expired``, which replaces this record's charge (see
+        :mod:`budgetguard.ledger_sql`), so the ledger never misses a charge the store made.
+        """
+        ledger = self.ledger_sink()
+        if ledger is not None:
+            from budgetguard.recording import record_settled
+
+            record_settled(
+                ledger, self.prices, ticket, settled.usage, settled.outcome, error or settled.problem, self.clock.now()
+            )
+
     def after_settle(
         self, ticket: Ticket, settled: Settlement, actuals: Sequence[float], error: BaseException | None
     ) -> None:
-        """Log, record and check alerts for a settled call; raise malformed usage last."""
+        """Log and check alerts for a settled call (recorded before the settle); raise
+        malformed usage last."""
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "budgetguard: %s %s reserved %s, used %s (%s)",
@@ -492,13 +511,6 @@ class BudgetEngine:
                 {ln.budget.name: round(ln.amount, 6) for ln in ticket.lines},
                 {ln.budget.name: round(a, 6) for ln, a in zip(ticket.lines, actuals, strict=True)},
                 "fail-open" if ticket.fail_open else "settled",
-            )
-        ledger = self.ledger_sink()
-        if ledger is not None:
-            from budgetguard.recording import record_settled
-
-            record_settled(
-                ledger, self.prices, ticket, settled.usage, settled.outcome, error or settled.problem, self.clock.now()
             )
         if self.alerts is not None and ticket.held:
             self._observe_alerts(ticket)

@@ -39,7 +39,7 @@ _INTERNAL_PREFIXES = ("budgetguard", "ls_", "lc_", "langgraph_", "checkpoint_")
 
 
 def default_ledger() -> Ledger | None:
-    """The process-wide ledger at :func:`budgetguard.ledger.default_ledger_path`, opened once.
+    """The process-wide ledger at :func:`budgetguard.ledger.default_ledger_location`, opened once.
 
     Returns ``None`` (after one warning) when it cannot be opened, so a read-only home
     directory never breaks model calls.
@@ -47,14 +47,13 @@ def default_ledger() -> Ledger | None:
     global _DEFAULT  # noqa: PLW0603
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            from budgetguard.ledger import Ledger, default_ledger_path
+            from budgetguard.ledger import Ledger, default_ledger_location
 
-            path = default_ledger_path()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _DEFAULT = Ledger(path)
+            try:  # a file (its directory is made) or a postgresql:// URL
+                _DEFAULT = Ledger(default_ledger_location())
             except Exception as exc:  # noqa: BLE001  (any failure: keep calls working)
-                logger.warning("budgetguard: cannot open the default ledger %s (%s); not recording", path, exc)
+                # the error names the file, or the URL without its password
+                logger.warning("budgetguard: cannot open the default ledger (%s); not recording", exc)
                 return None
         return _DEFAULT
 

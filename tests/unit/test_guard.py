@@ -289,8 +289,12 @@ async def test_output_cap_bound_on_the_model_is_what_is_reserved(run: Any) -> No
 
 def test_threads_sharing_one_guard_never_overspend() -> None:
     guard = BudgetGuard([Budget("g", limit=2000)])
-    chain = guard | (PROMPT | model(input_tokens=30, max_tokens=20, replies=["w " * 19 + "w"]))
-    need = prompt_tokens(guard) + 20
+    # The model uses what was reserved: a call that used more could overdraw the bucket by
+    # the difference whenever calls overlap (the ledger's write before each settle widens
+    # the overlap), which is estimation, not what this test is about.
+    used_in = prompt_tokens(guard)
+    chain = guard | (PROMPT | model(input_tokens=used_in, max_tokens=20, replies=["w " * 19 + "w"]))
+    need = used_in + 20
     ok, denied = [], []
 
     def worker() -> None:
@@ -307,9 +311,9 @@ def test_threads_sharing_one_guard_never_overspend() -> None:
     for t in threads:
         t.join()
     assert len(ok) + len(denied) == 80
-    assert guard.remaining("g") == 2000 - 50 * len(ok)
+    assert guard.remaining("g") == 2000 - need * len(ok)
     assert guard.remaining("g") >= 0
-    assert len(ok) >= 2000 // max(need, 50) - 1
+    assert len(ok) == 2000 // need
 
 
 async def test_asyncio_tasks_sharing_one_guard_never_overspend() -> None:
