@@ -184,11 +184,11 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
         ledger.close()
         say("7. The ledger (a SQLite file that outlives this program) and the report of what this demo did")
         say(f"   budgetguard report --ledger {ledger_path} --by user")
-        from budgetguard.cli import main as cli
+        from budgetguard.cli_report import main as report
 
         for by in ("user", "model", "outcome"):
             say()
-            cli(["report", "--ledger", ledger_path, "--by", by])
+            report(["--ledger", ledger_path, "--by", by])
     return 0
 
 

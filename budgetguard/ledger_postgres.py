@@ -31,7 +31,7 @@ from decimal import Decimal
 from typing import Any
 
 from budgetguard import ledger_sql as _sql
-from budgetguard.ledger import LedgerError, LedgerRecord
+from budgetguard.ledger_records import LedgerError, LedgerRecord
 
 __all__ = ["PostgresSink"]
 

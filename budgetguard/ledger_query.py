@@ -17,7 +17,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from budgetguard import ledger_sinks as _sinks
-from budgetguard.ledger import LedgerError
+from budgetguard.ledger_records import LedgerError
 from budgetguard.ledger_sql import Dialect
 
 __all__ = ["DIMENSIONS", "AccuracyRow", "Row", "parse_time", "resolve_dimensions", "select_top", "time_range"]

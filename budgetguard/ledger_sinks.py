@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from budgetguard import ledger_sql as _sql
-from budgetguard.ledger import (
+from budgetguard.ledger_records import (
     LedgerError,
     LedgerRecord,
     default_ledger_location,

@@ -39,7 +39,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from budgetguard.ledger import CHARGE_FIELDS, EXPIRED, LedgerRecord, _utc_day
+from budgetguard.ledger_records import CHARGE_FIELDS, EXPIRED, LedgerRecord, _utc_day
 
 __all__ = [
     "COLUMNS",
@@ -264,7 +264,7 @@ def from_row(row: Sequence[Any]) -> LedgerRecord:
             if isinstance(data[name], str):
                 data[name] = json.loads(data[name])
     except ValueError as exc:
-        from budgetguard.ledger import LedgerError
+        from budgetguard.ledger_records import LedgerError
 
         msg = f"ledger row of run {data.get('run_id')!r} holds malformed JSON: {exc}"
         raise LedgerError(msg) from exc
