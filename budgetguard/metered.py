@@ -109,11 +109,13 @@ class _MeteredCalls:
     __slots__ = ()
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: Any = None, **kwargs: Any) -> Any:
+        if sent_by(metered_by(self)):  # LangChain's stream() fell back to invoke(): the same call
+            return super().invoke(input, config, stop=stop, **kwargs)  # type: ignore[misc]
         engine, config, call = _plan(self, input, config, stop, kwargs)
         ticket, sending = _reserve(engine, self, call)
-        model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
         token = SENDING.set(sending)
         try:
+            model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
             message = _unmetered(model, engine).invoke(input, config, stop=stop, **kwargs)
         except BaseException as exc:
             _interrupted(engine, ticket, sending, None, exc)
@@ -126,11 +128,13 @@ class _MeteredCalls:
     async def ainvoke(
         self, input: Any, config: RunnableConfig | None = None, *, stop: Any = None, **kwargs: Any
     ) -> Any:
+        if sent_by(metered_by(self)):  # LangChain's astream() fell back to ainvoke(): the same call
+            return await super().ainvoke(input, config, stop=stop, **kwargs)  # type: ignore[misc]
         engine, config, call = _plan(self, input, config, stop, kwargs)
         ticket, sending = await _areserve(engine, self, call)
-        model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
         token = SENDING.set(sending)
         try:
+            model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
             message = await _unmetered(model, engine).ainvoke(input, config, stop=stop, **kwargs)
         except BaseException as exc:
             await _ainterrupted(engine, ticket, sending, None, exc)
@@ -145,15 +149,17 @@ class _MeteredCalls:
     ) -> Iterator[Any]:
         engine, config, call = _plan(self, input, config, stop, kwargs)
         ticket, sending = _reserve(engine, self, call)
-        model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
-        chunks = sending.through(_unmetered(model, engine).stream(input, config, stop=stop, **kwargs))
+        chunks = None
         received = None
         try:
+            model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
+            chunks = sending.through(_unmetered(model, engine).stream(input, config, stop=stop, **kwargs))
             for chunk in chunks:
                 received = chunk if received is None else received + chunk
                 yield chunk
         except BaseException as exc:  # also the consumer stopping early (GeneratorExit)
-            chunks.close()  # stop the provider's stream before settling
+            if chunks is not None:
+                chunks.close()  # stop the provider's stream before settling
             _interrupted(engine, ticket, sending, received, exc)
             raise
         engine.end(ticket, Ending(received))
@@ -163,15 +169,17 @@ class _MeteredCalls:
     ) -> AsyncIterator[Any]:
         engine, config, call = _plan(self, input, config, stop, kwargs)
         ticket, sending = await _areserve(engine, self, call)
-        model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
-        chunks = sending.athrough(_unmetered(model, engine).astream(input, config, stop=stop, **kwargs))
+        chunks = None
         received = None
         try:
+            model, input, kwargs = _route(engine, self, input, call, ticket, kwargs)
+            chunks = sending.athrough(_unmetered(model, engine).astream(input, config, stop=stop, **kwargs))
             async for chunk in chunks:
                 received = chunk if received is None else received + chunk
                 yield chunk
         except BaseException as exc:
-            await chunks.aclose()
+            if chunks is not None:
+                await chunks.aclose()
             await _ainterrupted(engine, ticket, sending, received, exc)
             raise
         await engine.aend(ticket, Ending(received))

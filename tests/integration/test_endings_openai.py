@@ -328,3 +328,60 @@ def test_a_refusal_through_callbacks_is_not_logged_as_a_callback_error(
         hidden.invoke({"q": "hi"})
     assert server.request_count == 0
     assert "callback" not in caplog.text, caplog.text
+
+
+# -- review findings: paths where a call could be metered twice or left held ----------------------
+
+
+@pytest.mark.parametrize("disable", [True, "tool_calling"])
+async def test_streaming_a_model_that_does_not_stream_is_metered_once(
+    run: Any, server: StubOpenAIServer, ledger: Ledger, disable: Any
+) -> None:
+    # LangChain's stream() falls back to invoke() on such a model: the same call, metered once.
+    from langchain_core.tools import tool
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    guard = BudgetGuard([Budget("g", limit=LIMIT)], ledger=ledger)
+    llm = chat(server, disable_streaming=disable).bind_tools([add])
+    chunks = await run.stream(guard | llm, "add 2 and 3")
+    assert chunks and server.request_count == 1
+    req = server.requests[-1]
+    assert guard.remaining("g") == LIMIT - (req.prompt_tokens + req.completion_tokens)
+    assert guard.store.open_reservations() == 0 and outcomes(ledger) == ["ok"]
+
+
+async def test_a_call_that_cannot_be_routed_releases_its_reservation(run: Any) -> None:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from budgetguard.errors import ConfigurationError
+    from budgetguard.policies import cheaper_model
+
+    class Deployment(BaseChatModel):
+        """A provider whose model is named by a deployment: no field a ladder name could set."""
+
+        deployment: str = "prod-4o"
+
+        @property
+        def _llm_type(self) -> str:
+            return "deployment"
+
+        @property
+        def _identifying_params(self) -> dict[str, Any]:
+            return {"model_name": "gpt-4o"}
+
+        def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> ChatResult:
+            usage = {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6}
+            return ChatResult(generations=[ChatGeneration(message=AIMessage("ok", usage_metadata=usage))])
+
+    guard = BudgetGuard([Budget("usd", limit=0.002, unit="usd")], policies=[cheaper_model({"gpt-4o": ["gpt-4o-mini"]})],
+                        ledger=False)  # fmt: skip
+    with pytest.raises(ConfigurationError, match="cannot switch Deployment to model 'gpt-4o-mini'"):
+        await run.invoke(guard | Deployment(), "hi " * 300)
+    assert guard.store.open_reservations() == 0  # nothing was sent: released, not left to its lease
+    assert guard.remaining("usd") == pytest.approx(0.002)
