@@ -295,18 +295,29 @@ def meters_for(engine: BudgetEngine, config: RunnableConfig) -> list[BaseCallbac
 
 
 def attach_meters(engine: BudgetEngine, config: RunnableConfig) -> None:
-    """Add one invocation's meters to ``config``'s callbacks (a fresh config: changed in place)."""
+    """Give ``config``'s run this invocation's meters (a fresh config: changed in place).
+
+    Meters of the same guard inherited from an enclosing guarded run are replaced: the inner
+    invocation meters its own calls (with its own scopes), and no call is metered twice.
+    """
     meters = meters_for(engine, config)
     callbacks = config.get("callbacks")
     if callbacks is None:
         config["callbacks"] = meters
     elif isinstance(callbacks, list):
-        config["callbacks"] = [*callbacks, *meters]
+        config["callbacks"] = [*(h for h in callbacks if not _meters_of(h, engine)), *meters]
     else:  # a callback manager: LangChain's merge_configs adds handlers to a copy the same way
         manager = callbacks.copy()
+        for handler in [*manager.handlers, *manager.inheritable_handlers]:
+            if _meters_of(handler, engine):
+                manager.remove_handler(handler)
         for meter in meters:
             manager.add_handler(meter, inherit=True)
         config["callbacks"] = manager
+
+
+def _meters_of(handler: Any, engine: BudgetEngine) -> bool:
+    return isinstance(handler, _Meter) and handler.inv.engine is engine
 
 
 class _MeterRefusals(logging.Filter):

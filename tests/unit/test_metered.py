@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -165,3 +166,20 @@ async def test_generate_called_directly_on_a_metered_copy_is_still_metered() -> 
     copy.invoke("hi")  # through invoke: metered once, not twice
     assert guard.remaining("g") == 1000 - 3 * 13
     assert guard.store.open_reservations() == 0
+
+
+async def test_a_guarded_run_inside_a_run_of_the_same_guard_is_metered_once(mode: str) -> None:
+    """``guard | agent`` whose tool runs ``guard | sub_chain``: the inner run's meters replace
+    the inherited ones, so each call is reserved once (it was reserved twice and left held)."""
+    from langchain_core.messages import HumanMessage
+
+    guard = BudgetGuard([Budget("g", limit=10_000)], ledger=False)
+    llm = model(input_tokens=10)
+    inner = guard | RunnableLambda(lambda x: llm.invoke(x))
+    outer = guard | RunnableLambda(lambda x, config: inner.invoke(x, config))
+    copy = guard.model(llm)
+    direct = guard | RunnableLambda(lambda x, config: copy.generate([[HumanMessage(x)]], callbacks=config["callbacks"]))
+    for runnable in (outer, direct):
+        await (asyncio.to_thread(runnable.invoke, "hi") if mode == "sync" else runnable.ainvoke("hi"))
+    assert llm.calls == 2
+    assert (guard.remaining("g"), guard.store.open_reservations()) == (10_000 - 2 * 13, 0)
