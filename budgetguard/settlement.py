@@ -17,7 +17,8 @@ end), the error it ended with, and whether the request reached the model's own m
   included; the task was cancelled; a timeout; ``KeyboardInterrupt``): the prompt estimate
   plus the output received so far, counted; ``cancelled``;
 * failed after output arrived (a provider error mid-stream, a broken connection): the same;
-  ``error``;
+  ``error``; when the stream had already reported some usage (Anthropic sends the prompt's
+  count first and the output's last), each count is at least the reported one;
 * failed before any output and not interrupted (the provider answered with an error status,
   a connection that never opened): nothing; ``error``;
 * reported malformed usage: the reservation, and ``UsageError`` is raised after settling when
@@ -146,6 +147,7 @@ def settle_rule(
     """
     call, error, response = ticket.call, ending.error, ending.response
     est = call.estimate
+    usage: Usage | None = None
     if error is None:
         done = policy_outcome(call.policy)
     else:
@@ -162,17 +164,21 @@ def settle_rule(
                 "integration, or report it."
             )
             return Settlement(Usage(est.input_tokens, est.output_tokens), "error", bad)
-        if usage is not None:
+        if usage is not None and error is None:
             return Settlement(usage, done)
     text = _generated_text(response) if response is not None else ""
+    received = count_text(text, call.model) if text else 0
+    floor = est.output_tokens if interrupted == "reserved" else 0
+    if usage is not None:  # ended early, but the stream had reported usage so far (Anthropic
+        # sends its prompt count first and its output count last): never less than what arrived
+        inputs = usage.input_tokens or est.input_tokens
+        outputs = max(usage.output_tokens, received, floor)
+        return Settlement(Usage(inputs, outputs, min(usage.cached_input_tokens, inputs), usage.reasoning_tokens), done)
     if error is None:  # completed without usage (a stream without its usage chunk)
-        return Settlement(Usage(est.input_tokens, count_text(text, call.model) if text else 0), done)
+        return Settlement(Usage(est.input_tokens, received), done)
     if not ending.sent or (done == "error" and not text):
         return Settlement(None, done)  # nothing reached the provider, or it refused: nothing billed
-    received = count_text(text, call.model) if text else 0
-    if interrupted == "reserved":
-        return Settlement(Usage(est.input_tokens, max(est.output_tokens, received)), done)
-    return Settlement(Usage(est.input_tokens, received), done)
+    return Settlement(Usage(est.input_tokens, max(received, floor)), done)
 
 
 def policy_outcome(policy: str | None) -> str:

@@ -183,3 +183,47 @@ async def test_a_guarded_run_inside_a_run_of_the_same_guard_is_metered_once(mode
         await (asyncio.to_thread(runnable.invoke, "hi") if mode == "sync" else runnable.ainvoke("hi"))
     assert llm.calls == 2
     assert (guard.remaining("g"), guard.store.open_reservations()) == (10_000 - 2 * 13, 0)
+
+
+def test_a_stream_stopped_after_partial_usage_is_charged_at_least_what_arrived() -> None:
+    """Anthropic-style streams report the prompt's count first and the output's last: stopped in
+    between, the output received still counts (it was charged only the 1 output token reported)."""
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessageChunk
+    from langchain_core.outputs import ChatGenerationChunk
+
+    words = [f"word{i} " for i in range(200)]
+
+    class AnthropicLike(BaseChatModel):
+        model_name: str = "gpt-4"
+
+        @property
+        def _llm_type(self) -> str:
+            return "anthropic-like"
+
+        @property
+        def _identifying_params(self) -> dict[str, Any]:
+            return {"model_name": self.model_name}
+
+        def _generate(self, *a: Any, **k: Any) -> Any:
+            raise NotImplementedError
+
+        def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kw: Any) -> Any:
+            first = {"input_tokens": 10, "output_tokens": 1, "total_tokens": 11}
+            yield ChatGenerationChunk(message=AIMessageChunk("", usage_metadata=first))
+            for w in words:
+                yield ChatGenerationChunk(message=AIMessageChunk(w))
+            last = {"input_tokens": 0, "output_tokens": 399, "total_tokens": 399}
+            yield ChatGenerationChunk(message=AIMessageChunk("", usage_metadata=last))
+
+    guard = BudgetGuard([Budget("g", limit=100_000)], ledger=False)
+    got = ""
+    stream = (guard | AnthropicLike()).stream("hi")
+    for i, chunk in enumerate(stream):
+        got += chunk.content
+        if i == 150:
+            break
+    stream.close()
+    received = guard.estimator.count_text(got, "gpt-4")
+    assert received > 100
+    assert guard.remaining("g") == 100_000 - (10 + received)
