@@ -16,6 +16,7 @@ A store failure is thrown back into the generator, which decides between failing
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -178,7 +179,7 @@ async def adrive(flow: Flow[T], store: Store, clock: Clock) -> T:
         send, throw = None, None
         try:
             if isinstance(op, Reserve):
-                send = await store.areserve(op.request)
+                send = await _areserve(flow, store, op.request)
             elif isinstance(op, Peek):
                 send = tuple([(await store.asnapshot(spec)).level for spec in op.specs])
             elif isinstance(op, Sleep):
@@ -187,3 +188,31 @@ async def adrive(flow: Flow[T], store: Store, clock: Clock) -> T:
                 send = await op.runnable.ainvoke(op.input, op.config)
         except (StoreUnavailable, BudgetExceeded) as exc:
             throw = exc
+
+
+async def _areserve(flow: Flow[Any], store: Store, request: ReserveRequest) -> Any:
+    """``store.areserve(request)``, safe against the awaiting task being cancelled meanwhile.
+
+    A store that works in a thread (SQLite, a sync Redis client) or over a connection commits
+    the reservation whatever becomes of the task waiting for it. So on cancellation the store's
+    answer is still awaited and shown to the flow (which records any leases it swept), and a
+    reservation it made is released: nothing was sent.
+    """
+    task = asyncio.ensure_future(store.areserve(request))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            result = await task
+        except (StoreUnavailable, BudgetExceeded):
+            flow.close()
+            raise asyncio.CancelledError from None
+        try:
+            flow.send(result)
+        except (StopIteration, BudgetExceeded):
+            pass  # the flow had its answer (a ticket, or a refusal); the cancellation wins
+        finally:
+            flow.close()
+        if result.ok:
+            await store.asettle(request.id, tuple(0.0 for _ in request.charges))
+        raise

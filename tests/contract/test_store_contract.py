@@ -656,3 +656,37 @@ async def test_every_ending_through_a_guard_on_this_store(h: Harness) -> None:
             await task
         assert h.store.open_reservations() == 0
         assert h.near(await left(), before - prompt)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_call_cancelled_while_its_store_reserves_holds_nothing(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The store finishes a reservation whatever becomes of the task awaiting it (SQLite works in
+    a thread): a call cancelled meanwhile must not leave it held until its lease expires. (Async
+    only: nothing cancels a sync call but Ctrl-C.)"""
+    from budgetguard import Budget, BudgetGuard
+    from budgetguard.testing.fake_models import UsageFakeChatModel
+
+    clock = FakeClock()
+    store = make_store(kind, request, tmp_path, clock)
+    h = Harness(store, "async", None if kind == "redis" else clock)
+    guard = BudgetGuard([Budget("g", limit=10_000)], store=h.store, clock=h.clock, ledger=False)
+    model = UsageFakeChatModel(model_name="gpt-4", input_tokens=10, max_tokens=5)
+    slow_reserve = h.store.areserve
+
+    async def slowly(request: ReserveRequest) -> ReserveResult:
+        result = await slow_reserve(request)  # committed: then the caller is cancelled
+        await asyncio.sleep(0.3)
+        return result
+
+    h.store.areserve = slowly  # type: ignore[method-assign]
+    task = asyncio.create_task((guard | model).ainvoke("hi"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert model.calls == 0
+    assert h.store.open_reservations() == 0
+    assert h.near(guard.remaining("g"), 10_000)
+    await store.aclose() if hasattr(store, "aclose") else store.close()
