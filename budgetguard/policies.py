@@ -145,8 +145,22 @@ def _model_name(model: Any) -> str | None:
     return None
 
 
+def _rung_cap(rung: Any, call: Call, guard: PolicyContext) -> int | None:
+    """The output cap a ladder's model object is sent with: the call's cap, or the rung's own
+    when it is lower (or when the call has none); ``None`` when neither has one. A name rung is
+    a copy of the called model, so it keeps the call's own parameters."""
+    if isinstance(rung, str):
+        return None
+    own = rung._get_invocation_params() if hasattr(rung, "_get_invocation_params") else {}
+    caps = [c for c in (guard.estimator.output_cap(call.params), guard.estimator.output_cap(own)) if c is not None]
+    return min(caps) if caps else None
+
+
 class cheaper_model(OverflowPolicy):  # noqa: N801
     """Send the call to the first model of a ladder that the budgets cover and that fits.
+
+    A model object in the ladder is sent the call's output cap (or its own, when lower), so
+    what it answers stays within what was reserved for it.
 
     Args:
         ladder: For each model name, the models to try instead, in order: names (the
@@ -185,6 +199,11 @@ class cheaper_model(OverflowPolicy):  # noqa: N801
         for rung in self.rungs(call.model):
             name = _model_name(rung)
             params = {**call.params, "model_name": name, "model": name}
+            send = dict(call.send_kwargs)
+            cap = _rung_cap(rung, call, guard)
+            if cap is not None:  # the rung answers with at most what is reserved for it
+                key = _cap_key(call.params)
+                params[key] = send[key] = cap
             est = guard.estimator.estimate(
                 model=name, invocation_params=params, messages=call.messages, prompts=call.prompts
             )
@@ -193,6 +212,7 @@ class cheaper_model(OverflowPolicy):  # noqa: N801
                 estimate=est,
                 params=params,
                 target=rung,
+                send_kwargs=send,
                 policy=applied(call, self.name),
                 model_requested=requested,
             )

@@ -229,3 +229,16 @@ async def test_with_fallbacks_on_budget_exceeded_is_the_plain_langchain_alternat
 def test_bad_policy_configuration(factory: Any, fragment: str) -> None:
     with pytest.raises(ConfigurationError, match=fragment):
         factory()
+
+
+async def test_a_ladder_model_object_answers_within_what_was_reserved_for_it(run: Any) -> None:
+    """A rung with no cap of its own is sent the call's cap: it answered 500 tokens against the
+    50 reserved, taking the USD budget below zero."""
+    long = " ".join(["w"] * 500)
+    big = model(model_name="gpt-4o", max_tokens=50, replies=[long], input_tokens=10)
+    small = model(model_name="gpt-4o-mini", replies=[long], input_tokens=10)  # no cap of its own
+    guard = BudgetGuard([Budget("usd", limit=0.0001, unit="usd")], policies=[cheaper_model({"gpt-4o": [small]})])
+    msg = await run.invoke(guard | big, "hi")
+    assert msg.response_metadata["budgetguard"]["model"] == "gpt-4o-mini"
+    assert small.seen_max_tokens == [50] and msg.usage_metadata["output_tokens"] == 50
+    assert guard.remaining("usd") >= 0
