@@ -108,17 +108,22 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
     # -- the run -----------------------------------------------------------------------
 
     @override
-    def before_agent(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        """Name this agent invocation (``per="run"`` budgets, the ledger's root run)."""
-        return {_RUN_KEY: str(uuid7())}
+    def before_model(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        """Name this agent invocation once (``per="run"`` budgets, the ledger's root run).
+
+        Before the first model call of each invocation, a resumed one included (``before_agent``
+        does not run again when a run resumes after an interrupt): the key is not checkpointed,
+        so every invocation starts without it.
+        """
+        return None if state.get(_RUN_KEY) else {_RUN_KEY: str(uuid7())}
 
     @override
-    async def abefore_agent(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
-        return self.before_agent(state, runtime)
+    async def abefore_model(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
+        return self.before_model(state, runtime)
 
     def _scoped(self, state: Mapping[str, Any], runtime: Any, *, tools: bool = False) -> dict[str, tuple[Any, Any]]:
         """This guard's scopes and root run for a call of this agent run (see ``INVOCATION``)."""
-        run = state.get(_RUN_KEY) or str(uuid7())  # resumed after an interrupt: a new run
+        run = state.get(_RUN_KEY) or str(uuid7())  # a tool call before any model call: its own run
         config = ensure_config()  # the agent node's config, as LangGraph set it
         context = context_mapping(getattr(runtime, "context", None))
         scopes = self.engine.scopes_for(config, context, run=run, tools=tools)

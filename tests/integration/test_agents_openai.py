@@ -344,3 +344,32 @@ def test_system_messages_and_tools_are_estimated_as_sent(server: StubOpenAIServe
     first = out["messages"][1].response_metadata["budgetguard"]
     assert first["estimated_input_tokens"] == server.requests[0].prompt_tokens  # system + tools + question
     assert server.requests[0].body["messages"][0] == {"role": "system", "content": "You are a weather bot."}
+
+
+async def test_a_run_resumed_after_an_interrupt_keeps_its_run_budget(server: StubOpenAIServer) -> None:
+    """before_agent does not run again on resume: every call of the resumed part got a fresh
+    per-run bucket. Now the resumed invocation is one run (LangGraph's own view: a new
+    invocation), with one bucket for all its calls."""
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+    from langgraph.types import Command
+
+    @tool
+    def get_time(city: str) -> str:
+        """Get the time in a city."""
+        return "noon"
+
+    guard = BudgetGuard([Budget("run-calls", limit=2, unit="calls", per="run")], ledger=False)
+    agent = create_agent(chat(server), tools=[get_weather, get_time], checkpointer=InMemorySaver(),
+                         middleware=[HumanInTheLoopMiddleware(interrupt_on={"get_weather": True}),
+                                     guard.middleware(on_denied="end")])  # fmt: skip
+    config = thread("hitl")
+    await agent.ainvoke({"messages": [HumanMessage(QUESTION)]}, config)  # call 1 asks for the tool: interrupted
+    assert server.request_count == 1
+    server.enqueue(
+        ScriptedResponse(tool_calls=[{"name": "get_time", "arguments": {"city": "Paris"}}]),
+        ScriptedResponse(tool_calls=[{"name": "get_time", "arguments": {"city": "Lyon"}}]),
+        ScriptedResponse(reply="done"),
+    )
+    out = await agent.ainvoke(Command(resume={"decisions": [{"type": "approve"}]}), config)
+    assert server.request_count == 3  # the resumed run: two calls, then its third is refused
+    assert out["messages"][-1].response_metadata["budgetguard"]["budget"] == "run-calls"
