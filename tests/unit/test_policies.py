@@ -242,3 +242,24 @@ async def test_a_ladder_model_object_answers_within_what_was_reserved_for_it(run
     assert msg.response_metadata["budgetguard"]["model"] == "gpt-4o-mini"
     assert small.seen_max_tokens == [50] and msg.usage_metadata["output_tokens"] == 50
     assert guard.remaining("usd") >= 0
+
+
+async def test_a_summary_is_charged_to_the_run_of_the_call_it_compresses(run: Any, tmp_path: Any) -> None:
+    """The summarizer's own call belongs to the run whose prompt it compresses (it was charged to
+    a new run's bucket, so a per-run budget saw less than the run spent)."""
+    from budgetguard.ledger import Ledger
+
+    summarizer = model(model_name="gpt-4o-mini", replies=["short summary"], input_tokens=30)
+    llm = model(model_name="tiny-ctx", max_tokens=10, input_tokens=20)
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        guard = BudgetGuard(
+            [Budget("per-run", limit=10_000, per="run")],
+            prices=TINY,
+            policies=[compress_prompt("summarize", summarizer=summarizer, summary_max_tokens=20)],
+            ledger=ledger,
+        )
+        await run.invoke(guard | llm, history(6))
+        records = list(ledger.records())
+    assert summarizer.calls == 1 and len(records) == 2
+    assert len({r.scope["run"] for r in records}) == 1
+    assert guard.remaining("per-run", run=records[0].scope["run"]) == 10_000 - (30 + 2) - (20 + 3)
