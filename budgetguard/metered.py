@@ -36,6 +36,8 @@ from weakref import ref
 from langchain_core.caches import BaseCache
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel
+from langchain_core.runnables import RunnableSequence
+from langchain_core.runnables.base import coerce_to_runnable
 from langchain_core.runnables.config import ensure_config
 from langchain_core.utils.uuid import uuid7
 
@@ -183,6 +185,19 @@ class _MeteredCalls:
             await _ainterrupted(engine, ticket, sending, received, exc)
             raise
         await engine.aend(ticket, Ending(received))
+
+    # ``guard | llm | parser | llm2`` is read as ``((guard | llm) | parser) | llm2``: a metered
+    # copy piped into more steps takes them in, so the guard covers the whole chain.
+
+    def __or__(self, other: Any) -> Any:
+        engine = metered_by(self)
+        assert engine is not None
+        return engine.wrap(RunnableSequence(self, coerce_to_runnable(other)))  # type: ignore[arg-type]
+
+    def pipe(self, *others: Any, name: str | None = None) -> Any:
+        engine = metered_by(self)
+        assert engine is not None
+        return engine.wrap(RunnableSequence(self, *(coerce_to_runnable(o) for o in others), name=name))  # type: ignore[arg-type]
 
     # Entry points below the four call styles: LangChain's legacy ``generate`` (called
     # directly, not from ``invoke``) and the beta ``version="v3"`` event stream drive the

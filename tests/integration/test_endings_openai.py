@@ -385,3 +385,15 @@ async def test_a_call_that_cannot_be_routed_releases_its_reservation(run: Any) -
         await run.invoke(guard | Deployment(), "hi " * 300)
     assert guard.store.open_reservations() == 0  # nothing was sent: released, not left to its lease
     assert guard.remaining("usd") == pytest.approx(0.002)
+
+
+async def test_guard_piped_into_a_model_first_guards_what_follows_too(run: Any, server: StubOpenAIServer) -> None:
+    """``guard | llm | parser | llm2``: ``guard | llm`` is the model's metered copy, and piping
+    more steps into it guards them too (llm2 went unguarded)."""
+    guard = BudgetGuard([Budget("g", limit=100)], ledger=False)
+    chain = guard | chat(server, max_tokens=10) | StrOutputParser() | chat(server, max_tokens=500)
+    with pytest.raises(BudgetExceeded):
+        await run.invoke(chain, "hi")
+    assert server.request_count == 1  # the first call, then the second refused before sending
+    req = server.requests[0]
+    assert guard.remaining("g") == 100 - (req.prompt_tokens + req.completion_tokens)
