@@ -26,7 +26,6 @@ from langchain_core.output_parsers import BaseOutputParser
 from langchain_core.prompts import BasePromptTemplate
 from langchain_core.runnables import (
     Runnable,
-    RunnableBinding,
     RunnableConfig,
     RunnableParallel,
     RunnablePassthrough,
@@ -79,7 +78,9 @@ def reach_models(runnable: Any, engine: BudgetEngine) -> Any:
 def _map_models(runnable: Any, fn: Callable[[BaseChatModel], BaseChatModel]) -> Any:
     if isinstance(runnable, BaseChatModel):
         return fn(runnable)
-    if isinstance(runnable, RunnableBinding):
+    if isinstance(runnable, RunnableBindingBase) and not isinstance(runnable, GuardedRunnable):
+        # bindings, and LangChain's other wrappers of one runnable (with_retry,
+        # RunnableWithMessageHistory): the model inside is the wrapped one's
         bound = _map_models(runnable.bound, fn)
         return runnable if bound is runnable.bound else runnable.model_copy(update={"bound": bound})
     if isinstance(runnable, RunnableSequence):
@@ -110,7 +111,7 @@ def _covered(runnable: Any, engine: BudgetEngine) -> bool:
         return all(_covered(step, engine) for step in runnable.steps)
     if isinstance(runnable, RunnableParallel):
         return all(_covered(step, engine) for step in runnable.steps__.values())
-    if isinstance(runnable, RunnableBinding):
+    if isinstance(runnable, RunnableBindingBase) and not isinstance(runnable, GuardedRunnable):
         return _covered(runnable.bound, engine)
     if isinstance(runnable, RunnableWithFallbacks):
         return all(_covered(r, engine) for r in (runnable.runnable, *runnable.fallbacks))

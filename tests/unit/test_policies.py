@@ -263,3 +263,35 @@ async def test_a_summary_is_charged_to_the_run_of_the_call_it_compresses(run: An
     assert summarizer.calls == 1 and len(records) == 2
     assert len({r.scope["run"] for r in records}) == 1
     assert guard.remaining("per-run", run=records[0].scope["run"]) == 10_000 - (30 + 2) - (20 + 3)
+
+
+async def test_policies_act_on_a_model_inside_with_retry(run: Any) -> None:
+    """LangChain's wrappers of one runnable (with_retry) are bindings too: the guard reaches the
+    model in them and a rewriting policy acts (it fell back to callbacks and was refused)."""
+    llm = model(replies=["ok"], input_tokens=10, max_tokens=500)
+    guard = BudgetGuard([Budget("g", limit=200)], policies=[cap_output(min_output_tokens=5)])
+    chain = guard | (PROMPT | llm).with_retry(stop_after_attempt=2)
+    assert chain.covered
+    await run.invoke(chain, {"q": "hi"})
+    assert llm.calls == 1 and llm.seen_max_tokens[0] < 200
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_a_guarded_chain_inside_runnable_with_message_history(run: Any) -> None:
+    """RunnableWithMessageHistory calls its chain from inside a lambda, out of the guard's reach;
+    guard the chain it wraps (as the README says) and the policies act, history and all."""
+    from langchain_core.chat_history import InMemoryChatMessageHistory
+    from langchain_core.prompts import MessagesPlaceholder
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+
+    llm = model(replies=["ok"], input_tokens=10, max_tokens=500)
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
+    histories: dict[str, InMemoryChatMessageHistory] = {}
+    guard = BudgetGuard([Budget("g", limit=200)], policies=[cap_output(min_output_tokens=5)])
+    chat = RunnableWithMessageHistory(
+        guard | (prompt | llm), lambda sid: histories.setdefault(sid, InMemoryChatMessageHistory()),
+        input_messages_key="q", history_messages_key="history",
+    )  # fmt: skip
+    await run.invoke(chat, {"q": "hi"}, {"configurable": {"session_id": "s"}})
+    assert llm.calls == 1 and llm.seen_max_tokens[0] < 200
+    assert len(histories["s"].messages) == 2
