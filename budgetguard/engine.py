@@ -431,7 +431,10 @@ class BudgetEngine:
         settled, actuals = claimed
         self.record_settled(ticket, settled, ending.error)
         if ticket.held:
-            self.store.settle(ticket.id, actuals)
+            try:
+                self.store.settle(ticket.id, actuals)
+            except StoreUnavailable as exc:
+                self._unsettled(ticket, exc)
         self.after_settle(ticket, settled, actuals, ending.error)
 
     async def aend(self, ticket: Ticket, ending: Ending) -> None:
@@ -443,8 +446,22 @@ class BudgetEngine:
         # On the loop, not in a thread: no await (so no cancellation point) before the settle.
         self.record_settled(ticket, settled, ending.error)
         if ticket.held:
-            await self.store.asettle(ticket.id, actuals)
+            try:
+                await self.store.asettle(ticket.id, actuals)
+            except StoreUnavailable as exc:
+                self._unsettled(ticket, exc)
         self.after_settle(ticket, settled, actuals, ending.error)
+
+    def _unsettled(self, ticket: Ticket, error: StoreUnavailable) -> None:
+        """The store could not take a settle: the call happened, so its answer is not thrown
+        away; its lease charges the reservation when it expires (and the sweep records that)."""
+        logger.error(
+            "budgetguard: could not settle %s (%s); its reservation stays held and is charged in full "
+            "when its lease expires in at most %.0f s",
+            ticket.id,
+            error,
+            self.lease_seconds,
+        )
 
     def actuals(self, ticket: Ticket, settled: Settlement) -> tuple[float, ...]:
         """What the call really cost, per line of the ticket, in each budget's unit.

@@ -396,3 +396,43 @@ def test_tickets_and_calls_copy_and_pickle() -> None:
         assert dataclasses.asdict(copy.deepcopy(record)) == fields
     guard.end(ticket, Ending(None, RuntimeError("not sent"), sent=False))
     assert guard.store.open_reservations() == 0
+
+
+async def test_a_settle_the_store_cannot_take_keeps_the_answer(
+    run: Any, clock: FakeClock, caplog: Any, tmp_path: Any
+) -> None:
+    """The provider answered; the store failed on the settle. The caller gets the answer (it got
+    StoreUnavailable: the paid-for answer was lost), the reservation is charged when its lease
+    expires, and the ledger agrees with the store."""
+    from budgetguard.errors import StoreUnavailable
+    from budgetguard.ledger import Ledger
+    from budgetguard.stores import MemoryStore
+
+    class Blip(MemoryStore):
+        failures = 1
+
+        def settle(self, rid: str, actuals: Any) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("connection reset")
+            return super().settle(rid, actuals)
+
+        async def asettle(self, rid: str, actuals: Any) -> bool:
+            return self.settle(rid, actuals)
+
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        guard = BudgetGuard([Budget("g", limit=10_000)], store=Blip(clock=clock), clock=clock, ledger=ledger,
+                            lease_seconds=60)  # fmt: skip
+        chain = guard | (PROMPT | model(replies=["fine answer"], input_tokens=10, max_tokens=20))
+        with caplog.at_level("ERROR", logger="budgetguard"):
+            msg = await run.invoke(chain, {"q": "hi"})
+        assert msg.content == "fine answer" and "could not settle" in caplog.text
+        assert guard.store.open_reservations() == 1
+        clock.advance(61)
+        await run.invoke(chain, {"q": "hi"})  # its reservation sweeps the first call's lease
+        assert guard.store.open_reservations() == 0
+        spent = 10_000 - guard.remaining("g")
+        assert spent == (prompt_tokens(guard) + 20) + (10 + 2)  # the first at its reservation
+        records = list(ledger.records())
+        assert sorted(r.outcome for r in records) == ["expired", "ok"]
+        assert sum(r.input_tokens + r.output_tokens for r in records) == spent
