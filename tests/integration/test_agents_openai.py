@@ -231,12 +231,18 @@ async def test_a_run_may_make_at_most_n_model_calls(mode: str, server: StubOpenA
     assert server.request_count == 2
 
 
-async def test_a_run_may_spend_at_most_a_few_cents(mode: str, server: StubOpenAIServer) -> None:
-    guard = BudgetGuard([Budget("run-usd", limit=0.004, unit="usd", per="run")], ledger=False)
+async def test_a_run_may_spend_at_most_a_few_cents(mode: str, server: StubOpenAIServer, ledger: Ledger) -> None:
+    guard = BudgetGuard([Budget("run-usd", limit=0.004, unit="usd", per="run")], ledger=ledger)
     agent = agent_for(chat(server, "gpt-4o-mini", max_tokens=60), [guard.middleware()])
     await ask(mode, agent, QUESTION, thread("r1"))
-    await ask(mode, agent, QUESTION, thread("r2"))  # another run, a fresh $0.004
+    await ask(mode, agent, QUESTION, thread("r2"))
     assert server.request_count == 4
+    runs: dict[str, float] = {}
+    for record in ledger.records():
+        runs[record.scope["run"]] = runs.get(record.scope["run"], 0.0) + (record.cost_usd or 0.0)
+    assert len(runs) == 2  # one bucket per run, each charged its own two calls
+    for run_id, cost in runs.items():
+        assert cost > 0 and guard.remaining("run-usd", run=run_id) == pytest.approx(0.004 - cost)
 
 
 async def test_tool_call_budget_per_tool(mode: str, server: StubOpenAIServer) -> None:
