@@ -63,6 +63,7 @@ class MemoryStore:
         self._full_at: list[tuple[float, str, BucketSpec]] = []
         self._scheduled: set[str] = set()
         self._holds: dict[str, int] = {}
+        self._forgotten = 0  # since _buckets and _scheduled were last compacted
 
     # -- helpers --------------------------------------------------------------------
 
@@ -153,12 +154,20 @@ class MemoryStore:
             fresh = refresh(state.copy(), spec, now)
             if fresh.level >= spec.capacity:
                 del buckets[key]
+                self._forgotten += 1
             else:  # used since it was scheduled
                 later.append((spec, fresh))
         # Scheduled after the pass: a bucket a rounding error short of full is due "now"
         # again, and would otherwise be popped again in this pass, forever.
         for spec, fresh in later:
             self._schedule_state(spec, fresh, now)
+        if self._forgotten > len(buckets) + 1024:
+            # A dict or set keeps its table when entries are deleted (until later inserts
+            # grow it again): copied, they give the memory of forgotten buckets back now.
+            # The copy costs less than the deletions it follows.
+            self._buckets = dict(buckets)
+            self._scheduled = set(self._scheduled)
+            self._forgotten = 0
 
     def _schedule_charges(self, request: ReserveRequest, now: float) -> None:
         for charge in request.charges:
