@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -160,3 +161,18 @@ def test_a_bucket_a_hair_short_of_full_is_kept() -> None:
     clock.advance(0.02)
     store.sweep()
     assert spec.key not in store._buckets
+
+
+def test_forgetting_gives_the_memory_back() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    for user in range(20_000):
+        spec = BucketSpec(f"u\x1fuser={user}", 100.0, refill_per_second=1.0)
+        assert store.reserve(ReserveRequest(f"r{user}", (Charge(spec, 30.0),))).ok
+        assert store.settle(f"r{user}", [30.0])
+    big = sys.getsizeof(store._buckets) + sys.getsizeof(store._scheduled)
+    clock.advance(60)
+    store.sweep()
+    assert store._buckets == {}
+    # A dict or set keeps its table when emptied; the store copies them.
+    assert sys.getsizeof(store._buckets) + sys.getsizeof(store._scheduled) < big / 100
