@@ -190,15 +190,18 @@ class AsyncPipeline:
     """The commands of every task on one event loop, sent in batches on one connection.
 
     A caller queues its command and awaits its reply. When no batch is in flight, one task
-    sends everything queued as a redis-py pipeline without MULTI (each command still runs
-    on its own; a script is still atomic) and hands each caller its own reply or error;
-    what is queued meanwhile goes in the next batch. A thousand concurrent calls so take
-    one connection from the client's pool and a few round trips, where a command each
-    would take a thousand connections (and fail at the pool's limit); no caller waits for
-    more than the batch in flight and its own. The client's pool, timeouts and retries
-    apply to each batch as they would to one command.
+    takes a connection from the client's pool, writes everything queued at once (no MULTI:
+    each command runs on its own; a script is still atomic), reads the replies in order,
+    hands each caller its own reply or error and gives the connection back; what is queued
+    meanwhile goes in the next batch. A thousand concurrent calls so take one connection
+    and a few round trips, where a command each would take a thousand connections (and
+    fail at the pool's limit); no caller waits for more than the batch in flight and its
+    own. The client's pool (its limit and timeout) and its connections' settings (socket
+    timeouts, TLS, credentials, decoding) apply; its retry settings do not: the store's
+    :class:`~budgetguard.stores._retry.RetryPolicy` retries.
 
-    A batch that fails as a whole (connection lost, timeout) fails every command in it;
+    A batch that fails as a whole (connection lost, timeout) fails every command in it,
+    and redis-py drops the connection (a reply left unread never reaches a later batch);
     the store retries them, which is safe (see :mod:`._retry`). A caller cancelled while
     queued or in flight just loses its reply. One pipeline serves one event loop.
     """
@@ -236,11 +239,8 @@ class AsyncPipeline:
             self._flushing = None
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for args, _ in batch:
-            pipe.execute_command(*args)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._round_trip([args for args, _ in batch])
         except Exception as exc:  # noqa: BLE001 - whatever failed the batch fails each command in it
             for _, future in batch:
                 if not future.done():  # a copy each: one exception raised in many tasks would
@@ -257,3 +257,23 @@ class AsyncPipeline:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Write ``commands`` on one connection; their replies, an error reply as its exception.
+
+        redis-py disconnects the connection on any failure to send or read (cancellation
+        too), so what goes back to the pool is either in step or closed.
+        """
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except rexc.ResponseError as exc:  # a whole error reply was read: the next follows
+                    replies.append(exc)
+            return replies
+        finally:
+            await pool.release(conn)
