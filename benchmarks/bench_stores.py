@@ -8,7 +8,7 @@ Each figure is the median of ``--rounds`` rounds of ``--ops`` operations, all in
 
 * memory   pairs/s                                   target >= 100k pairs/s
 * sqlite   pairs/s  vs raw ``BEGIN IMMEDIATE; UPDATE; COMMIT`` per second on the same
-  kind of file (WAL, synchronous=NORMAL)             target >= 0.4x
+  kind of file (WAL, synchronous=NORMAL)             (the 0.4x target is retired: issue 13)
 * redis    pairs/s  vs raw redis-py EVALSHA of ``return 1`` on the same server
                                                      target >= 0.45x
 * redis    3-bucket reserves/s vs ``limits`` MovingWindowRateLimiter.hit on the same
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from budgetguard.periods import PeriodRule  # noqa: E402
 from budgetguard.stores import BucketSpec, Charge, MemoryStore, ReserveRequest  # noqa: E402
 
 Setup = Callable[[int], Callable[[int], None]]
@@ -296,7 +297,7 @@ def bench_redis(rounds: int, ops: int) -> tuple[float, float, float, float]:
         three = (
             Charge(BucketSpec("global", 1e15), 100.0),
             Charge(BucketSpec("per-user\x1fuser_id=alice", 1e15, 1000.0), 100.0),
-            Charge(BucketSpec("per-model\x1fmodel=gpt", 1e15, 0.0, 0.0, 4e9), 100.0),
+            Charge(BucketSpec("per-model\x1fmodel=gpt", 1e15, 0.0, PeriodRule("day")), 100.0),
         )
 
         def three_setup(r: int) -> Callable[[int], None]:
@@ -342,7 +343,7 @@ def main() -> None:
     if "sqlite" in only:
         with tempfile.TemporaryDirectory() as tmp:
             ours, raw = bench_sqlite(args.rounds, args.ops, Path(tmp))
-        line("sqlite pairs vs raw BEGIN IMMEDIATE/UPDATE/COMMIT", ours, raw, ">=0.4x")
+        line("sqlite pairs vs raw BEGIN IMMEDIATE/UPDATE/COMMIT", ours, raw)
         if args.sqlite_breakdown:
             with tempfile.TemporaryDirectory() as tmp:
                 sqlite_breakdown(args.rounds, args.ops, Path(tmp))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, tzinfo
 from datetime import timezone as dt_timezone
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from budgetguard.errors import ConfigurationError, MissingScopeError
+from budgetguard.periods import PeriodRule
+from budgetguard.stores.base import BucketSpec
 
 __all__ = ["PERIODS", "UNITS", "Budget", "BudgetSpecKey", "Period", "Unit"]
 
@@ -94,6 +96,7 @@ class Budget:
     timezone: str | tzinfo | None = None
     _tz: tzinfo = field(init=False, repr=False)
     _bounds: list[float] = field(init=False, repr=False)
+    _rules: dict[int, PeriodRule] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -116,6 +119,7 @@ class Budget:
             raise ConfigurationError(msg)
         object.__setattr__(self, "_tz", _resolve_tz(self.name, self.timezone))
         object.__setattr__(self, "_bounds", [math.inf, -math.inf])  # cached [start, end)
+        object.__setattr__(self, "_rules", {})  # UTC year -> the rule built for it
 
     # -- scope -------------------------------------------------------------------------
 
@@ -165,7 +169,26 @@ class Budget:
             return self.name
         return self.name + "\x1f" + "\x1f".join(f"{k}={v}" for k, v in scope.items())
 
+    def bucket_spec(self, scope: Mapping[str, str], now: float) -> BucketSpec:
+        """What a store needs to know about the bucket of ``scope`` (its period as a rule
+        the store evaluates on its own clock; ``now`` picks the years of offsets it lists)."""
+        return BucketSpec(self.bucket_key(scope), self.limit, self.refill_per_second, self.period_rule(now))
+
     # -- calendar ---------------------------------------------------------------------
+
+    def period_rule(self, now: float) -> PeriodRule | None:
+        """This budget's calendar period as a :class:`~budgetguard.periods.PeriodRule`
+        listing its timezone's offset changes around ``now`` (``None``: no period)."""
+        if self.period is None:
+            return None
+        year = datetime.fromtimestamp(now, dt_timezone.utc).year
+        rules = self._rules
+        rule = rules.get(year)
+        if rule is None:
+            rule = PeriodRule.in_zone(self.period, self._tz, now)
+            rules.clear()  # a process lives in one year at a time
+            rules[year] = rule
+        return rule
 
     def period_bounds(self, now: float) -> tuple[float, float] | None:
         """Return ``(start, end)`` in unix seconds of the calendar period holding ``now``."""
@@ -174,29 +197,8 @@ class Budget:
         bounds = self._bounds
         if bounds[0] <= now < bounds[1]:
             return bounds[0], bounds[1]
-        start, end = _calendar_bounds(self.period, now, self._tz)
+        rule = self.period_rule(now)
+        assert rule is not None
+        start, end = rule.bounds(now)
         bounds[0], bounds[1] = start, end
         return start, end
-
-
-def _calendar_bounds(period: str, now: float, tz: tzinfo) -> tuple[float, float]:
-    local = datetime.fromtimestamp(now, tz)
-    if period == "minute":
-        start = local.replace(second=0, microsecond=0)
-        end = start + timedelta(minutes=1)
-    elif period == "hour":
-        start = local.replace(minute=0, second=0, microsecond=0)
-        end = start + timedelta(hours=1)
-    elif period == "day":
-        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=1)
-    elif period == "week":
-        start = local.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=local.weekday())
-        end = start + timedelta(days=7)
-    else:  # month
-        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
-    # Aware-datetime arithmetic is wall-clock; re-attach tz so DST offsets are right.
-    start = start.replace(tzinfo=tz)
-    end = end.replace(tzinfo=tz)
-    return start.timestamp(), end.timestamp()

@@ -190,13 +190,7 @@ class BudgetGuard:
         if hit is not None and hit[1] <= now < hit[2]:
             return hit[0]
         bounds = budget.period_bounds(now)
-        spec = BucketSpec(
-            budget.bucket_key(scope),
-            budget.limit,
-            budget.refill_per_second,
-            bounds[0] if bounds else None,
-            bounds[1] if bounds else None,
-        )
+        spec = budget.bucket_spec(scope, now)
         if len(self._specs) >= _SPEC_CACHE_SIZE:  # many scopes (users): start again rather than grow
             self._specs.clear()
         self._specs[key] = (spec, bounds[0] if bounds else -math.inf, bounds[1] if bounds else math.inf)

@@ -17,11 +17,24 @@ Bucket rules:
 
 * A new bucket starts full (``level == capacity``).
 * Continuous refill adds ``refill_per_second * elapsed`` up to capacity.
-* A calendar period resets the bucket to full when a new period starts.
+* A calendar period resets the bucket to full when a new period starts. The spec carries
+  the period as a rule (:class:`~budgetguard.periods.PeriodRule`), and the store finds
+  the period holding *its own* time; a time in an earlier period than the bucket's
+  changes nothing (no reset, no refill).
 * Reservations take from the level; settlement refunds the difference (to the lender
   first) or charges the excess to the borrower's own bucket, which may go negative:
   later calls then wait for refill. Refunds of a reservation made in an earlier period
-  are dropped (that period is over); excess charges land in the current one.
+  are dropped (that period is over); excess charges land in the period current when
+  the call is settled, however many periods later.
+* A denial's ``retry_after`` is the earliest wait after which the denied charge fits,
+  counting what its bucket and its lender can give together (refill, filling up,
+  period resets, and what the same request already takes from them).
+
+Whose time: every function here takes ``now`` from the store, never from a client.
+The memory store reads its clock (one process). The SQLite store reads its clock but
+never past the host's (``host_clock``) and never before the latest time already used
+on the file (a high-water mark kept in the file). The Redis store uses the server's
+``TIME`` for periods, refill and leases.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from budgetguard.periods import PeriodRule
 
 __all__ = [
     "BucketSpec",
@@ -40,9 +55,11 @@ __all__ = [
     "Held",
     "ReserveRequest",
     "ReserveResult",
+    "Source",
     "Store",
     "apply_reserve",
     "apply_settle",
+    "current_period",
     "refresh",
     "retry_after",
 ]
@@ -56,17 +73,14 @@ class BucketSpec:
         key: Unique bucket key (budget name + scope); stores escape or hash it.
         capacity: The budget's limit.
         refill_per_second: Continuous refill rate (0 for none).
-        period_start: Start of the current calendar period as seen by the caller's clock,
-            or ``None`` when the budget has no period.
-        period_end: End of that period. A store whose clock is past it treats
-            ``period_end`` as the current period's start (client clocks may lag).
+        period: The calendar period the bucket resets at, as a rule the store evaluates
+            on its own clock, or ``None`` when the budget has no period.
     """
 
     key: str
     capacity: float
     refill_per_second: float = 0.0
-    period_start: float | None = None
-    period_end: float | None = None
+    period: PeriodRule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +186,9 @@ class Held:
         return self.took + self.lent
 
 
-def _current_period(spec: BucketSpec, now: float) -> float | None:
-    if spec.period_start is None:
-        return None
-    if spec.period_end is not None and now >= spec.period_end:
-        return spec.period_end
-    return spec.period_start
+def current_period(spec: BucketSpec, now: float) -> float | None:
+    """Start of the bucket's calendar period holding ``now`` (``None``: it has no period)."""
+    return None if spec.period is None else spec.period.bounds(now)[0]
 
 
 def refresh(state: BucketState | None, spec: BucketSpec, now: float) -> BucketState:
@@ -191,7 +202,7 @@ def refresh(state: BucketState | None, spec: BucketSpec, now: float) -> BucketSt
     Returns:
         The same object (mutated) or a new full bucket.
     """
-    period = _current_period(spec, now)
+    period = current_period(spec, now)
     if state is None:
         return BucketState(spec.capacity, now, period)
     if period is not None and (state.period_start is None or period > state.period_start):
@@ -209,27 +220,55 @@ def refresh(state: BucketState | None, spec: BucketSpec, now: float) -> BucketSt
     return state
 
 
-def retry_after(state: BucketState, spec: BucketSpec, amount: float, now: float) -> float | None:
-    """Seconds until ``state`` (already refreshed) can cover ``amount``, or ``None``.
+Source = tuple[BucketState, BucketSpec, float]
+"""A bucket a charge may draw on: its refreshed state, its spec, and what the same
+request already plans to take from it."""
 
-    The sooner of continuous refill and the next period reset counts; an amount larger
-    than the capacity can never be covered.
+
+def retry_after(sources: Sequence[Source], amount: float, now: float) -> float | None:
+    """Seconds until ``sources`` together can cover ``amount``, or ``None`` if they never can.
+
+    A charge draws on its bucket and, when it borrows, on its lender too: it fits once
+    what they can give together covers it. What a source can give, ``level - planned``
+    (at least 0), grows while it refills (up to its capacity) and becomes
+    ``capacity - planned`` when its period ends. The sum therefore grows piecewise
+    linearly; the wait is found by walking from one change of slope (a source's level
+    passing ``planned``, reaching its capacity, or resetting) to the next.
     """
-    need = amount - state.level
-    if need <= 0:
-        return 0.0
-    if amount > spec.capacity + 1e-9:
-        return None
-    options: list[float] = []
-    if spec.refill_per_second > 0:
-        options.append(need / spec.refill_per_second)
-    if spec.period_end is not None:
-        end = spec.period_end
-        if now >= end:  # our clock is already in the next period; its end is unknown
-            end = math.inf
-        options.append(max(end - now, 0.0))
-    finite = [o for o in options if math.isfinite(o)]
-    return min(finite) if finite else None
+    # Seconds until each source's period ends (inf: no period, or no end ahead of now).
+    ends = []
+    for _, spec, _ in sources:
+        end = math.inf if spec.period is None else spec.period.bounds(now)[1] - now
+        ends.append(end if end > 0 else math.inf)
+
+    def level(i: int, at: float) -> float:
+        """Source ``i``'s level ``at`` seconds from now."""
+        state, spec, _ = sources[i]
+        if at >= ends[i]:
+            return spec.capacity
+        return min(spec.capacity, state.level + spec.refill_per_second * at)
+
+    changes = set(ends)
+    for state, spec, planned in sources:
+        if spec.refill_per_second > 0:
+            changes.add((planned - state.level) / spec.refill_per_second)
+            changes.add((spec.capacity - state.level) / spec.refill_per_second)
+    at = 0.0
+    for until in [*sorted(t for t in changes if 0 < t < math.inf), math.inf]:
+        covered = sum(max(level(i, at) - source[2], 0.0) for i, source in enumerate(sources))
+        if covered >= amount:
+            return at
+        # Each source is linear between two changes: its slope is read in the middle.
+        middle = at + 1.0 if until == math.inf else (at + until) / 2
+        slope = sum(
+            spec.refill_per_second
+            for i, (_, spec, planned) in enumerate(sources)
+            if spec.refill_per_second > 0 and planned < level(i, middle) < spec.capacity
+        )
+        if slope > 0 and at + (amount - covered) / slope <= until:
+            return at + (amount - covered) / slope
+        at = until
+    return None
 
 
 StateGetter = Callable[[BucketSpec], BucketState]
@@ -263,12 +302,10 @@ def apply_reserve(get: StateGetter, charges: Sequence[Charge], now: float) -> li
             else:
                 lender_avail = 0.0
             if lender_avail < short:
-                wait = retry_after(state, bucket, charge.amount, now)
+                sources: list[Source] = [(state, bucket, planned.get(bucket.key, 0.0))]
                 if charge.lender is not None and lender_state is not None:
-                    lender_wait = retry_after(lender_state, charge.lender, short, now)
-                    wait = None if wait is None and lender_wait is None else min(
-                        w for w in (wait, lender_wait) if w is not None
-                    )
+                    sources.append((lender_state, charge.lender, planned.get(charge.lender.key, 0.0)))
+                wait = retry_after(sources, charge.amount, now)
                 return Denial(index, bucket.key, charge.amount, avail + lender_avail, wait)
             took, lent = avail, short
         planned[bucket.key] = planned.get(bucket.key, 0.0) + took

@@ -129,12 +129,9 @@ class MemoryStore:
             self._schedule_state(spec, state, now)
 
     def _schedule_state(self, spec: BucketSpec, state: BucketState, now: float) -> None:
-        wait = retry_after(state, spec, spec.capacity, now)
+        wait = retry_after([(state, spec, 0.0)], spec.capacity, now)
         if wait is None:
-            # Never full again by itself (no refill, no period; a refund reschedules it), or
-            # its period is over and the store does not know when the next one ends (a late
-            # settle): its scope's next reserve brings that period and schedules it.
-            return
+            return  # never full again by itself (no refill, no period); a refund reschedules it
         self._scheduled.add(spec.key)
         heapq.heappush(self._full_at, (now + wait, spec.key, spec))
 

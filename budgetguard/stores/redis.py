@@ -2,8 +2,9 @@
 
 Every operation is one round trip: a Lua script (``lua/*.lua``, registered once and run
 with EVALSHA) that reads the server's clock, sweeps due leases and applies the same
-rules as :mod:`.base`. Time comes from Redis (``TIME``), so client clocks do not matter;
-clients only send the period bounds their calendars computed.
+rules as :mod:`.base`. Time comes from Redis (``TIME``), so client clocks do not matter:
+clients send each bucket's period as a rule (:class:`~budgetguard.periods.PeriodRule`),
+and the script finds the current period on the server's clock.
 
 Connections (see :mod:`._redis_io`): sync calls of a store built from a URL go on one
 connection per thread; async calls, from a URL or through a client passed in, go through
@@ -51,6 +52,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from budgetguard.errors import ConfigurationError, StoreUnavailable
+from budgetguard.periods import PeriodRule
 from budgetguard.stores._redis_io import (
     AsyncPipeline,
     AsyncScript,
@@ -117,10 +119,6 @@ def _expired(items: Sequence[Any]) -> tuple[ExpiredLease, ...]:
     return tuple(out)
 
 
-def _arg(value: float | None) -> float | str:
-    return "" if value is None else value
-
-
 # The scripts' arguments are sequences of MessagePack values, which the script decodes
 # with one cmsgpack.unpack call (in C, about a third of what cjson takes for the same
 # request). Only what they need is written here: str, float64, small ints and false.
@@ -149,8 +147,13 @@ def _mp_str(text: str, errors: str = "strict") -> bytes:
     return b"\xdb" + n.to_bytes(4, "big") + data
 
 
-def _mp_optional(value: float | None) -> bytes:
-    return _FALSE if value is None else _F64(0xCB, value)
+def _mp_rule(rule: PeriodRule | None) -> bytes:
+    """A period rule as the array ``[unit, offsets...]`` (``false`` for none)."""
+    if rule is None:
+        return _FALSE
+    n = 1 + len(rule.offsets)
+    head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return b"".join((head, _mp_str(rule.unit), *(_F64(0xCB, float(x)) for x in rule.offsets)))
 
 
 class RedisStore:
@@ -389,8 +392,7 @@ class RedisStore:
                     _mp_str(spec.key, "surrogatepass"),
                     _mp_float(spec.capacity),
                     _mp_float(spec.refill_per_second),
-                    _mp_optional(spec.period_start),
-                    _mp_optional(spec.period_end),
+                    _mp_rule(spec.period),
                 )
             )
             if len(self._spec_cache) >= 10_000:
@@ -468,14 +470,11 @@ class RedisStore:
         return b"".join((_mp_str(reservation_id), *[_mp_float(float(a)) for a in actuals]))
 
     def _snapshot_args(self, spec: BucketSpec) -> tuple[Any, ...]:
-        return (
-            self._state_key,
-            self._hex(spec.key),
-            spec.capacity,
-            spec.refill_per_second,
-            _arg(spec.period_start),
-            _arg(spec.period_end),
+        # One argument (see snapshot.lua): hex, capacity, refill, period rule.
+        payload = b"".join(
+            (_mp_str(self._hex(spec.key)), _mp_float(spec.capacity), _mp_float(spec.refill_per_second), _mp_rule(spec.period))
         )
+        return (self._state_key, payload)
 
     @staticmethod
     def _state(reply: bytes | str) -> BucketState:

@@ -4,7 +4,7 @@ Every write is one ``BEGIN IMMEDIATE`` transaction that runs the pure functions 
 :mod:`.base` on the rows it touches, so the arithmetic is the memory store's, and
 processes take turns through SQLite's write lock (WAL mode: readers never wait).
 
-Layout (``PRAGMA user_version`` holds the schema version, 2)::
+Layout (``PRAGMA user_version`` holds the schema version, 3)::
 
     store(kind, key, level, updated_at, period_start, spent, expires_at, held, meta, bucket)
         PRIMARY KEY (kind, key), WITHOUT ROWID
@@ -23,19 +23,17 @@ passed, then sets it to the earliest remaining expiry; a reserve lowers it when 
 lease expires sooner. The bound is kept in the same transactions as the leases, so it
 holds for every process sharing the file.
 
-Most calls charge one bucket without a pool. For them a reserve is ``UPDATE`` bucket +
-``INSERT`` lease and a settle is ``DELETE`` lease + ``UPDATE`` bucket: the ``UPDATE`` does
-:func:`.base.refresh` and the reserve or settle arithmetic in SQL (``_RESERVE_ONE``,
-``_SETTLE_ONE``), so no read and no Python arithmetic is needed. Their ``WHERE`` clauses
-let them run only where the result is what :mod:`.base` computes, bit for bit (finite
-float specs, a covered amount, a lease period known in advance, no sweep due, a lease
-this store wrote); anything else changes nothing and runs the Python paths on
-:mod:`.base`. That is the budget arithmetic written a second time; a test compares the
-two over random specs, states and times.
+Every reserve and settle reads the rows it needs and runs the arithmetic of :mod:`.base`
+in Python. An earlier one-bucket path repeated that arithmetic in SQL; it gained about
+16-22% in pairs per second and was dropped, for one copy of the rules
+(``benchmarks/RESULTS.md``, session 5).
 
-``held`` keeps, per charge, the bucket specs and amounts the reservation took, so any
-process can settle or sweep it later. Schema 1 (tables ``buckets`` and ``leases``
-with an index on ``expires_at``) is migrated in place on first open.
+``held`` keeps, per charge, the bucket specs (with their period rules) and amounts the
+reservation took, so any process can settle or sweep it later. Schema 1 (tables
+``buckets`` and ``leases`` with an index on ``expires_at``) is migrated in place on
+first open; schema 2 differs only in its leases' specs (period bounds, not rules), and
+a lease written by either is settled without a period (its excess lands in the
+bucket's stored period).
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -52,10 +49,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring_ascii
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from budgetguard.clock import Clock, SystemClock
 from budgetguard.errors import ConfigurationError, StoreUnavailable
+from budgetguard.periods import PeriodRule
 from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.base import (
     BucketSpec,
@@ -64,7 +62,6 @@ from budgetguard.stores.base import (
     Held,
     ReserveRequest,
     ReserveResult,
-    _current_period,
     apply_reserve,
     apply_settle,
     bucket_keys,
@@ -75,7 +72,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``; an older file is migrated, a newer one refused."""
 
 _SCHEMA = (
@@ -104,15 +101,19 @@ _FROM_V1 = (
 _BUCKET_COLUMNS = "level, updated_at, period_start, spent"
 _SELECT_ONE = f"SELECT {_BUCKET_COLUMNS} FROM store WHERE kind = 1 AND key = ?"
 _SELECT_IN = "SELECT key, " + _BUCKET_COLUMNS + " FROM store WHERE kind = 1 AND key IN ({marks})"
-# The reserve's first query: the sweep bound, and the buckets joined to it (one row with
-# NULL bucket columns when none exists yet; no row at all if the meta row is missing).
-_NEXT_AND_BUCKETS = (
-    "SELECT m.expires_at, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
+# The reserve's first query: the meta row (sweep bound, store time), and the buckets
+# joined to it (one row with NULL bucket columns when none exists yet; no row at all if
+# the meta row is missing).
+_META_AND_BUCKETS = (
+    "SELECT m.expires_at, m.updated_at, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key IN ({marks})"
     " WHERE m.kind = 0 AND m.key = 'next_expiry'"
 )
-_NEXT_EXPIRY = "SELECT expires_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
-_SET_NEXT_EXPIRY = "REPLACE INTO store (kind, key, expires_at) VALUES (0, 'next_expiry', ?)"
+_META = "SELECT expires_at, updated_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
+_SET_META = "REPLACE INTO store (kind, key, expires_at, updated_at) VALUES (0, 'next_expiry', ?, ?)"
+_STORE_TIME = "(SELECT updated_at FROM store WHERE kind = 0 AND key = 'next_expiry')"
+_SET_STORE_TIME = "UPDATE store SET updated_at = ? WHERE kind = 0 AND key = 'next_expiry'"
+_START_STORE_TIME = "UPDATE store SET updated_at = ? WHERE kind = 0 AND key = 'next_expiry' AND updated_at IS NULL"
 _SAVE = "REPLACE INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, ?, ?, ?, ?)"
 # The sweep's scans of the lease range (no index on expires_at: they run only once the
 # bound has passed; SQLite filters the rows, Python sees only the due ones).
@@ -122,49 +123,13 @@ _INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta, bucket) V
 # Settle's first query: the lease, and its first bucket joined to it (a schema-1 lease has
 # no ``bucket``: its buckets are read by a second query).
 _LEASE_AND_BUCKET = (
-    "SELECT l.held, l.bucket, b.level, b.updated_at, b.period_start, b.spent FROM store AS l"
+    f"SELECT l.held, l.bucket, b.level, b.updated_at, b.period_start, b.spent, {_STORE_TIME} FROM store AS l"
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key = l.bucket WHERE l.kind = 2 AND l.key = ?"
 )
+_BUCKET_AND_TIME = f"SELECT {_BUCKET_COLUMNS}, {_STORE_TIME} FROM store WHERE kind = 1 AND key = ?"
 _DELETE_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ?"
 _IS_OPEN = "SELECT 1 FROM store WHERE kind = 2 AND key = ?"
 _COUNT_LEASES = "SELECT count(*) FROM store WHERE kind = 2"
-
-# The one-bucket fast paths: base.refresh, and apply_reserve / apply_settle for one charge
-# without a pool, written as SQL on the bucket row so a reserve or a settle is one UPDATE
-# (no read, no Python arithmetic). They run only where their WHERE clause and _lean_spec
-# say the result equals base.py's; otherwise nothing is changed and the Python paths run.
-# Parameters: ?1 capacity, ?2 refill_per_second, ?3 now, ?4 the current period (or NULL).
-_RESET = "(?4 IS NOT NULL AND (period_start IS NULL OR ?4 > period_start))"  # a new period starts
-_LEVEL = (  # base.refresh: the level as of now
-    f"(CASE WHEN {_RESET} THEN ?1"
-    " WHEN ?3 - updated_at > 0 AND ?2 > 0 AND level < ?1 THEN"
-    " (CASE WHEN level + ?2 * (?3 - updated_at) < ?1 THEN level + ?2 * (?3 - updated_at) ELSE ?1 END)"
-    " WHEN level > ?1 THEN ?1 ELSE level END)"
-)
-_REFRESHED = (
-    f"updated_at = CASE WHEN {_RESET} OR ?3 - updated_at > 0 THEN ?3 ELSE updated_at END,"
-    f" period_start = CASE WHEN {_RESET} THEN ?4 ELSE period_start END"
-)
-# Reserve: ?5 amount, ?6 key, ?7 the lease's expiry. Runs when the bucket exists, covers the
-# amount, its period after refresh is ?4 (so the lease's period is known), and the sweep
-# bound needs neither a sweep (it is past now) nor lowering (it is not after ?7).
-_RESERVE_ONE = (
-    f"UPDATE store SET level = {_LEVEL} - ?5, {_REFRESHED}"
-    f" WHERE kind = 1 AND key = ?6 AND {_LEVEL} >= ?5"
-    " AND CASE WHEN ?4 IS NULL THEN period_start IS NULL ELSE period_start IS NULL OR period_start <= ?4 END"
-    " AND (SELECT expires_at > ?3 AND expires_at <= ?7 FROM store WHERE kind = 0 AND key = 'next_expiry')"
-)
-# Settle: ?5 the refund (-delta, used when ?6 < 0), ?6 delta = final - reserved, ?7 final,
-# ?8 the period the lease was taken in, ?9 key. The refund is dropped if that period is over.
-_SETTLE_ONE = (
-    "UPDATE store SET level = CASE"
-    f" WHEN ?6 < 0 THEN (CASE WHEN (CASE WHEN {_RESET} THEN ?4 ELSE period_start END) IS ?8 THEN"
-    f" (CASE WHEN {_LEVEL} + ?5 < ?1 THEN {_LEVEL} + ?5 ELSE ?1 END) ELSE {_LEVEL} END)"
-    f" WHEN ?6 > 0 THEN {_LEVEL} - ?6 ELSE {_LEVEL} END,"
-    f" {_REFRESHED}, spent = spent + ?7"
-    " WHERE kind = 1 AND key = ?9"
-)
-_DELETE_KNOWN_LEASE = "DELETE FROM store WHERE kind = 2 AND key = ? AND held = ?"
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -205,33 +170,24 @@ def _number(value: float | None) -> str:
 
 @functools.lru_cache(maxsize=1024)  # a process uses few specs; the key is hashed in C
 def _spec_json(spec: BucketSpec) -> str:
-    return (
-        f"[{encode_basestring_ascii(spec.key)},{_number(spec.capacity)},{_number(spec.refill_per_second)},"
-        f"{_number(spec.period_start)},{_number(spec.period_end)}]"
-    )
+    rule = spec.period
+    period = "null" if rule is None else f"[{_dumps(rule.unit)},{','.join(map(_number, rule.offsets))}]"
+    return f"[{encode_basestring_ascii(spec.key)},{_number(spec.capacity)},{_number(spec.refill_per_second)},{period}]"
 
 
-@functools.lru_cache(maxsize=1024)
-def _lean_spec(spec: BucketSpec) -> tuple[str, float, float] | None:
-    """``(lease text prefix, capacity, refill)`` if the SQL fast paths may serve ``spec``.
-
-    They may when every number is a finite float (periods positive): SQLite's arithmetic
-    then matches Python's operation for operation, and the lease text needs no other type.
-    """
-    numbers = (spec.capacity, spec.refill_per_second, spec.period_start, spec.period_end)
-    for value in numbers:
-        if value is not None and (type(value) is not float or not math.isfinite(value)):
-            return None
-    if spec.refill_per_second < 0 or any(v is not None and v <= 0 for v in numbers[2:]):
-        return None
-    return f"[[{_spec_json(spec)},null,", spec.capacity, spec.refill_per_second
+def _spec_of(row: list[Any]) -> BucketSpec:
+    if len(row) == 5:  # written by schema 1 or 2 (period bounds, not a rule): settled without a period
+        return BucketSpec(row[0], row[1], row[2])
+    key, capacity, refill, period = row
+    return BucketSpec(key, capacity, refill, None if period is None else PeriodRule(period[0], tuple(period[1:])))
 
 
 def _encode_held(held: Sequence[Held]) -> str:
     """The JSON text ``json.dumps(..., separators=(",", ":"))`` writes, built without its overhead.
 
     Per charge: ``[bucket spec, lender spec or null, took, lent, period, lender_period]``
-    with a spec as ``[key, capacity, refill_per_second, period_start, period_end]``.
+    with a spec as ``[key, capacity, refill_per_second, period]`` and a period as ``null``
+    or ``[unit, offsets...]`` (see :class:`~budgetguard.periods.PeriodRule`).
     """
     parts = [
         f"[{_spec_json(h.bucket)},{'null' if h.lender is None else _spec_json(h.lender)},{_number(h.took)},"
@@ -246,8 +202,8 @@ def _decode_held(text: str) -> list[Held]:
     for bucket, lender, took, lent, period, lender_period in json.loads(text):
         out.append(
             Held(
-                BucketSpec(*bucket),
-                BucketSpec(*lender) if lender is not None else None,
+                _spec_of(bucket),
+                _spec_of(lender) if lender is not None else None,
                 took,
                 lent,
                 period,
@@ -273,7 +229,12 @@ class SQLiteStore:
     Args:
         path: The database file (created with its tables if missing; the directory
             must exist). ``":memory:"`` is refused: use ``memory://`` for one process.
-        clock: Time source (inject :class:`~budgetguard.clock.FakeClock` in tests).
+        clock: This process's time source (the guard passes its own; inject
+            :class:`~budgetguard.clock.FakeClock` in tests). The store never uses a time
+            past ``host_clock``, nor one before the latest time already used on the file.
+        host_clock: The machine's clock, shared by every process on it (default: the
+            system clock). Tests that drive time with a fake ``clock`` ahead of the real
+            one pass the same fake here.
         busy_timeout: Seconds to wait for another process's write lock before raising
             :class:`~budgetguard.errors.StoreUnavailable`.
         synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (default) never
@@ -290,15 +251,12 @@ class SQLiteStore:
         >>> store = SQLiteStore("/var/lib/myapp/budgets.db")  # doctest: +SKIP
     """
 
-    _one_bucket_paths = True
-    """Reserve and settle one bucket without a pool on the SQL paths (tests turn them off
-    to compare with the general paths)."""
-
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
         clock: Clock | None = None,
+        host_clock: Clock | None = None,
         busy_timeout: float = 30.0,
         synchronous: str = "NORMAL",
         retry: RetryPolicy | None = None,
@@ -316,6 +274,7 @@ class SQLiteStore:
             msg = f"synchronous must be one of {', '.join(_SYNCHRONOUS)}, got {synchronous!r}"
             raise ConfigurationError(msg)
         self.clock: Clock = clock or SystemClock()
+        self.host_clock: Clock = host_clock or SystemClock()
         self.busy_timeout = float(busy_timeout)
         self.synchronous = synchronous.upper()
         self.retry = retry or RetryPolicy()
@@ -403,6 +362,9 @@ class SQLiteStore:
             if current < SCHEMA_VERSION:
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                # The file's time starts at its creator's (a process whose clock lags can
+                # then only lag behind it, never take the file's time back).
+                conn.execute(_START_STORE_TIME, (self._clock_time(),))
                 if current == 1:
                     for statement in _FROM_V1:
                         conn.execute(statement)
@@ -490,7 +452,7 @@ class SQLiteStore:
                     raise _Contended(exc) from exc
                 raise
             try:
-                result = body(cursor, self.clock.now(), *args)  # time read while holding the lock
+                result = body(cursor, self._clock_time(), *args)  # time read while holding the lock
                 cursor.execute("COMMIT")
             except BaseException:
                 if cursor.connection.in_transaction:
@@ -500,6 +462,11 @@ class SQLiteStore:
             return result
         finally:
             lock.release()
+
+    def _clock_time(self) -> float:
+        """This store's clock, but never past the host's (so a clock running ahead cannot
+        refill, reset or expire anything early); see :func:`_store_time` for the floor."""
+        return min(self.clock.now(), self.host_clock.now())
 
     # -- row helpers ----------------------------------------------------------------
 
@@ -526,24 +493,25 @@ class SQLiteStore:
         ):
             buckets[key] = BucketState(level, updated_at, period_start, spent)
 
-    def _load_with_next_expiry(
+    def _load_with_meta(
         self, cursor: sqlite3.Cursor, keys: list[str], buckets: Buckets
-    ) -> tuple[bool, float | None]:
-        """Load ``keys`` into ``buckets`` and read the sweep bound, in one query.
+    ) -> tuple[bool, float | None, float | None]:
+        """Load ``keys`` into ``buckets`` and read the meta row, in one query.
 
         Returns:
-            Whether the meta row exists, and its ``next_expiry`` (``None``: no open lease).
+            Whether the meta row exists, its ``next_expiry`` (``None``: no open lease) and
+            the store time (``None``: none recorded yet).
         """
-        rows = cursor.execute(self._in_query(_NEXT_AND_BUCKETS, len(keys)), keys).fetchall()
+        rows = cursor.execute(self._in_query(_META_AND_BUCKETS, len(keys)), keys).fetchall()
         if not rows:  # no meta row: the caller sweeps, which writes it again
             self._load(cursor, keys, buckets)
-            return False, None
+            return False, None, None
         for key in keys:
             buckets[key] = None
-        for _, key, level, updated_at, period_start, spent in rows:
+        for _, _, key, level, updated_at, period_start, spent in rows:
             if key is not None:
                 buckets[key] = BucketState(level, updated_at, period_start, spent)
-        return True, rows[0][0]
+        return True, rows[0][0], rows[0][1]
 
     @staticmethod
     def _save(cursor: sqlite3.Cursor, touched: dict[str, BucketState]) -> None:
@@ -571,7 +539,7 @@ class SQLiteStore:
     def _sweep(
         self, cursor: sqlite3.Cursor, now: float, buckets: Buckets
     ) -> tuple[tuple[ExpiredLease, ...], float | None]:
-        """Settle every due lease at its reserved amount; reset the ``next_expiry`` bound.
+        """Settle every due lease at its reserved amount; write the meta row (new bound, ``now``).
 
         Scans the leases (run only when the bound says one may be due).
 
@@ -585,7 +553,7 @@ class SQLiteStore:
         else:
             expired = ()
         next_expiry = cursor.execute(_EARLIEST_LEASE).fetchone()[0]  # after the deletes: what is left
-        cursor.execute(_SET_NEXT_EXPIRY, (next_expiry,))
+        cursor.execute(_SET_META, (next_expiry, now))
         return expired, next_expiry
 
     def _expire(
@@ -615,40 +583,21 @@ class SQLiteStore:
         return self._write(self._reserve, request)
 
     def _reserve(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
-        charges = request.charges
-        if len(charges) != 1 or charges[0].lender is not None or not self._one_bucket_paths:
-            return self._reserve_any(cursor, now, request)
-        # One bucket, no pool (the common case): first the one-UPDATE path, which changes
-        # nothing unless its result is base.py's (see _RESERVE_ONE).
-        spec = charges[0].bucket
-        amount = charges[0].amount
-        lean = _lean_spec(spec)
-        if lean is not None and type(amount) is float:
-            period = _current_period(spec, now)
-            expires_at = now + request.lease_seconds
-            params = (lean[1], lean[2], now, period, amount, spec.key, expires_at)
-            if cursor.execute(_RESERVE_ONE, params).rowcount == 1:
-                held = f"{lean[0]}{_number(amount)},0.0,{_number(period)},null]]"
-                try:
-                    cursor.execute(_INSERT_LEASE, (request.id, expires_at, held, request.meta_text(), spec.key))
-                except sqlite3.IntegrityError:
-                    _duplicate(request.id)
-                self._remember(request.id, held, [Held(spec, None, amount, 0.0, period, None)])
-                return _RESERVED
-        return self._reserve_any(cursor, now, request)  # a denial, a new bucket, a due sweep, ...
-
-    def _reserve_any(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
         keys = bucket_keys(request.charges)
-        has_meta, next_expiry = self._load_with_next_expiry(cursor, keys, buckets)
+        has_meta, next_expiry, stored_time = self._load_with_meta(cursor, keys, buckets)
+        now, later = _store_time(now, stored_time)
         expired: tuple[ExpiredLease, ...] = ()
         if not has_meta or (next_expiry is not None and next_expiry <= now):
-            expired, next_expiry = self._sweep(cursor, now, buckets)
+            expired, next_expiry = self._sweep(cursor, now, buckets)  # writes the meta row
+            later = False
         touched: dict[str, BucketState] = {}
         outcome = apply_reserve(self._getter(buckets, touched, now), request.charges, now)
         if not isinstance(outcome, list):
             if cursor.execute(_IS_OPEN, (request.id,)).fetchone():
                 _duplicate(request.id)
+            if later:
+                cursor.execute(_SET_STORE_TIME, (now,))
             return ReserveResult(False, outcome, expired)
         self._save(cursor, touched)
         expires_at = now + request.lease_seconds
@@ -659,7 +608,9 @@ class SQLiteStore:
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
-            cursor.execute(_SET_NEXT_EXPIRY, (expires_at,))
+            cursor.execute(_SET_META, (expires_at, now))
+        elif later:
+            cursor.execute(_SET_STORE_TIME, (now,))
         self._remember(request.id, held, outcome)
         return ReserveResult(True, None, expired) if expired else _RESERVED
 
@@ -687,17 +638,17 @@ class SQLiteStore:
     ) -> bool:
         # The lease's held, remembered if this store wrote it: used only for that very text.
         known = self._memo.pop(reservation_id, None)
-        if known is not None and self._one_bucket_paths:
-            if self._settle_known(cursor, now, reservation_id, actuals, known):
-                return True
         row = cursor.execute(_LEASE_AND_BUCKET, (reservation_id,)).fetchone()
         if row is None:
             return False
-        text, first_key, level, updated_at, period_start, spent = row
+        text, first_key, level, updated_at, period_start, spent, stored_time = row
         held = known[1] if known is not None and known[0] == text else _decode_held(text)
         if actuals is not None and len(actuals) < len(held):
             msg = f"settle({reservation_id!r}) got {len(actuals)} actual amounts for {len(held)} charges"
             raise ValueError(msg)  # nothing was changed
+        now, later = _store_time(now, stored_time)
+        if later:
+            cursor.execute(_SET_STORE_TIME, (now,))
         cursor.execute(_DELETE_LEASE, (reservation_id,))
         buckets: Buckets = {}
         if first_key is not None:
@@ -708,48 +659,16 @@ class SQLiteStore:
         self._save(cursor, touched)
         return True
 
-    def _settle_known(
-        self,
-        cursor: sqlite3.Cursor,
-        now: float,
-        reservation_id: str,
-        actuals: Sequence[float] | None,
-        known: tuple[str, list[Held]],
-    ) -> bool:
-        """Settle a one-bucket lease this store wrote with one DELETE and one UPDATE.
-
-        Returns:
-            ``False`` (nothing changed) when this path does not apply: several charges or
-            a pool, a spec or an amount _SETTLE_ONE may not compute, or no lease row with
-            the remembered text.
-        """
-        text, held = known
-        if len(held) != 1:
-            return False
-        h = held[0]
-        lean = _lean_spec(h.bucket)
-        if h.lender is not None or lean is None or (actuals is not None and not actuals):
-            return False
-        final = h.total if actuals is None else float(actuals[0])
-        if final - final != 0.0:  # inf or nan
-            return False
-        if cursor.execute(_DELETE_KNOWN_LEASE, (reservation_id, text)).rowcount != 1:
-            return False
-        spec = h.bucket
-        delta = final - h.total
-        params = (lean[1], lean[2], now, _current_period(spec, now), -delta, delta, final, h.period, spec.key)
-        if cursor.execute(_SETTLE_ONE, params).rowcount != 1:  # no bucket row: base.py on a new bucket
-            state = refresh(None, spec, now)
-            apply_settle(lambda _: state, held, actuals)
-            cursor.execute(_SAVE, (spec.key, state.level, state.updated_at, state.period_start, state.spent))
-        return True
-
     def snapshot(self, spec: BucketSpec) -> BucketState:
         """Return the bucket as of now (full if never used); reads never wait for writers."""
 
         def read() -> BucketState:
-            row = self._connection().execute(_SELECT_ONE, (spec.key,)).fetchone()
-            return refresh(BucketState(*row) if row is not None else None, spec, self.clock.now())
+            row = self._connection().execute(_BUCKET_AND_TIME, (spec.key,)).fetchone()
+            if row is None:  # a bucket never used: the store time alone
+                meta = self._connection().execute(_META).fetchone()
+                row = (None, None, None, None, meta[1] if meta is not None else None)
+            now = _store_time(self._clock_time(), row[4])[0]
+            return refresh(BucketState(*row[:4]) if row[0] is not None else None, spec, now)
 
         return self._run(read)
 
@@ -757,9 +676,11 @@ class SQLiteStore:
         """Settle expired leases at their reserved amounts and report each once."""
 
         def body(cursor: sqlite3.Cursor, now: float) -> tuple[ExpiredLease, ...]:
-            row = cursor.execute(_NEXT_EXPIRY).fetchone()
-            if row is not None and (row[0] is None or row[0] > now):
-                return ()  # the bound says no lease is due
+            row = cursor.execute(_META).fetchone()
+            if row is not None:
+                now = _store_time(now, row[1])[0]
+                if row[0] is None or row[0] > now:
+                    return ()  # the bound says no lease is due
             return self._sweep(cursor, now, {})[0]
 
         return self._write(body)
@@ -807,6 +728,14 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
+
+
+def _store_time(clock_time: float, stored: float | None) -> tuple[float, bool]:
+    """The time an operation uses: ``clock_time``, but never before the store time already
+    recorded in the file. Returns it and whether it moves the recorded time forward."""
+    if stored is None or clock_time > stored:
+        return clock_time, True
+    return stored, False
 
 
 def _duplicate(reservation_id: str) -> None:

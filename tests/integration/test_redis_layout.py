@@ -216,3 +216,59 @@ def test_a_forked_child_makes_its_own_connection(store: RedisStore) -> None:
     assert store.reserve(req("parent-2", Charge(spec, 4.0))).ok
     assert store.settle("parent-2", [4.0])
     assert store.snapshot(spec).spent == 7.0
+
+
+def test_lua_period_bounds_are_python_bounds_bit_for_bit(store: RedisStore, raw: redis.Redis) -> None:
+    """lib.lua's period_bounds mirrors PeriodRule.bounds: every unit, DST zones, odd offsets,
+    times on and around offset changes and period boundaries."""
+    import random
+    from zoneinfo import ZoneInfo
+
+    from budgetguard.periods import PeriodRule
+    from budgetguard.stores.redis import _lua, _mp_float, _mp_rule
+
+    body = (
+        "local out, i = {}, 1\n"
+        "local values = {cmsgpack.unpack(ARGV[1])}\n"
+        "while i < #values do\n"
+        "  local s, e = period_bounds(values[i], values[i + 1])\n"
+        "  out[#out + 1] = fmt(s) .. ' ' .. fmt(e)\n"
+        "  i = i + 2\n"
+        "end\n"
+        "return out\n"
+    )
+    rng = random.Random(13)
+    now = 1_767_225_600.0
+    cases: list[tuple[PeriodRule, float]] = []
+    for zone in ("UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Santiago", "Asia/Kolkata"):
+        for unit in ("minute", "hour", "day", "week", "month"):
+            rule = PeriodRule.in_zone(unit, ZoneInfo(zone), now)
+            changes = list(rule.offsets[1::2]) or [now]
+            for _ in range(12):
+                t = rng.choice(changes) + rng.choice([0.0, -1.0, 1.0, 0.5, -3600.0, 3599.999]) + rng.randrange(-3, 3) * 86400
+                cases.append((rule, t))
+                cases.append((rule, now + rng.random() * 5e7 - 2.5e7))
+    cases += [(PeriodRule("hour", (1234.567,)), now + 0.25), (PeriodRule("month", (-43200.0,)), 951_782_400.0)]
+    payload = b"".join(_mp_rule(rule) + _mp_float(t) for rule, t in cases)
+    got = raw.eval(_lua("lib.lua") + "\n" + body, 2, store._state_key, store._expiry_key, payload)
+    assert [tuple(float(x) for x in g.split()) for g in got] == [rule.bounds(t) for rule, t in cases]
+
+
+def test_a_lease_written_before_period_rules_is_still_settled(store: RedisStore, raw: redis.Redis) -> None:
+    """Format 1 (no format value; per charge 14 values with period bounds): read as a lease
+    without period rules, so an upgrade settles what the old version left open."""
+    spec = BucketSpec("old-lease", 100.0)
+    assert store.reserve(req("warm", Charge(spec, 30.0))).ok  # the bucket: 70 left
+    field = store.bucket_field(spec.key)
+    write = (
+        "redis.call('HSET', KEYS[1], 'r:old', cmsgpack.pack('nonce', 'meta-old',"
+        " ARGV[1], 100.0, 0.0, false, false, 30.0, 0.0, false, false, false, false, false, false, false))\n"
+        "redis.call('ZADD', KEYS[2], 4e9, 'old')"
+    )
+    raw.eval(write, 2, store._state_key, store._expiry_key, field)
+    assert store.open_reservations() == 2
+    assert store.settle("old", [10.0])  # refunds 20 of its 30
+    assert store.settle("warm", [30.0])
+    state = store.snapshot(spec)
+    assert (state.level, state.spent) == (90.0, 40.0)
+    assert store.open_reservations() == 0

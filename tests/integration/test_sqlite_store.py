@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from budgetguard.clock import FakeClock
+from budgetguard.periods import PeriodRule
 from budgetguard.stores import BucketSpec, Charge, ExpiredLease, ReserveRequest
 from budgetguard.stores.base import Held
 from budgetguard.stores.sqlite import (
@@ -57,10 +58,10 @@ V1_SCHEMA = (
 
 
 def v1_held(spec: BucketSpec, took: float, lender: BucketSpec | None = None, lent: float = 0.0) -> str:
-    """A lease's ``held`` column as schema 1 wrote it."""
+    """A lease's ``held`` column as schema 1 wrote it (period bounds where a rule is now)."""
 
     def row(s: BucketSpec) -> list[object]:
-        return [s.key, s.capacity, s.refill_per_second, s.period_start, s.period_end]
+        return [s.key, s.capacity, s.refill_per_second, None, None]
 
     return json.dumps(
         [[row(spec), row(lender) if lender else None, took, lent, None, None]],
@@ -104,7 +105,7 @@ def test_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     with SQLiteStore(path, clock=clock) as store:
         assert tables(path) == {"store"}  # the old tables and their index are gone
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert next_expiry(path) == T0 + 10
         team = store.snapshot(TEAM)
         assert (team.level, team.spent) == (0.0, 12.5)
@@ -254,7 +255,8 @@ def test_processes_with_short_leases_balance_the_books(tmp_path: Path) -> None:
     outcomes = [results.get(timeout=120) for _ in workers]
     for w in workers:
         w.join(30)
-    with SQLiteStore(path, clock=FakeClock(start=time.time() + 10_000)) as late:  # every lease is due
+    later = FakeClock(start=time.time() + 10_000)  # the host's clock, 10,000 s on: every lease is due
+    with SQLiteStore(path, clock=later, host_clock=later) as late:
         final = [(e.id, e.amounts) for e in late.sweep()]
         expired = [e for _, reported in outcomes for e in reported] + final
         assert len({rid for rid, _ in expired}) == len(expired)  # each expired lease reported once
@@ -307,21 +309,21 @@ def test_denied_reserve_still_sweeps_and_keeps_the_bound(tmp_path: Path) -> None
         [Held(BucketSpec("b", 1e15), None, 100.0, 0.0, None, None)],
         [
             Held(
-                BucketSpec('ключ "q" \\ \x1f é', 0.1 + 0.2, 1 / 3, 1_700_000_000.123456, 1_700_086_400.0),
-                BucketSpec("pool", 5e-324, 0.0, 0.0, None),
+                BucketSpec('ключ "q" \\ \x1f é', 0.1 + 0.2, 1 / 3, PeriodRule("day", (3600.0, 1_700_000_000.5, 7200.0))),
+                BucketSpec("pool", 5e-324, 0.0, PeriodRule("month")),
                 1e-7,
                 2.5e300,
                 1_700_000_000.123456,
                 0.0,
             ),
-            Held(BucketSpec("ints", 100, 0, None, None), None, 3, 0, None, None),
+            Held(BucketSpec("ints", 100, 0, None), None, 3, 0, None, None),
             Held(BucketSpec("neg", 10.0), None, -0.0, -1.5, None, None),
         ],
     ],
 )
 def test_lease_encoding_is_what_json_dumps_wrote(held: list[Held]) -> None:
     def row(s: BucketSpec) -> list[object]:
-        return [s.key, s.capacity, s.refill_per_second, s.period_start, s.period_end]
+        return [s.key, s.capacity, s.refill_per_second, None if s.period is None else [s.period.unit, *s.period.offsets]]
 
     expected = json.dumps(
         [[row(h.bucket), row(h.lender) if h.lender else None, h.took, h.lent, h.period, h.lender_period] for h in held],
@@ -365,162 +367,3 @@ def test_memo_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert all(store.settle(f"r{i}", [0.5]) for i in range(10))  # remembered or not
         assert store.snapshot(POOL).spent == 5.0
         assert store._memo == {}
-
-
-# -- the one-bucket paths ------------------------------------------------------------------
-
-
-class GeneralPathsOnly(SQLiteStore):
-    _one_bucket_paths = False
-
-
-def stored_rows(path: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT * FROM store ORDER BY kind, key").fetchall()
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_one_bucket_paths_write_what_the_general_paths_write(tmp_path: Path, seed: int) -> None:
-    """Reserves and settles of one bucket without a pool skip the general path's helpers.
-
-    A seeded mix of one-bucket charges (refill, calendar periods that roll over while
-    the caller's clock lags or leads, limits lowered, overspends, ints, tiny and huge
-    amounts), with multi-bucket and pool charges and expiries in between, run on a store
-    with and one without those paths: same outcomes and the same rows, bit for bit,
-    after every step.
-    """
-    rng = random.Random(seed)
-    clock = FakeClock(start=T0)
-    lean, general = SQLiteStore(tmp_path / "lean.db", clock=clock), GeneralPathsOnly(tmp_path / "gen.db", clock=clock)
-    period = 3600.0
-
-    def spec(i: int) -> BucketSpec:
-        start = T0 + period * ((clock.now() - T0) // period)
-        capacity = rng.choice([100.0, 100, 0.1 + 0.2, 1e15, 7.5])
-        if i == 0:
-            lag = rng.choice([0.0, 0.0, -period, period])
-            return BucketSpec("cal", capacity, rng.choice([0.0, 0.25]), start + lag, start + lag + period)
-        if i == 1:
-            return BucketSpec("refill\x1fuser=\u00e9", capacity, rng.choice([0.5, 1 / 3, 0.0, 1e-9]))
-        return BucketSpec(f"plain{i}", capacity)
-
-    open_ids: list[str] = []
-    try:
-        for step in range(300):
-            if rng.random() < 0.55 or not open_ids:
-                amount = rng.choice([1.0, 2, 0.1, 1e-7, 33.3, 60.0, 0.0, 1e16])
-                if rng.random() < 0.15:  # the general paths in between
-                    charges: tuple[Charge, ...] = (
-                        Charge(spec(rng.randrange(4)), amount, POOL if rng.random() < 0.5 else None),
-                        Charge(spec(rng.randrange(4)), 1.0),
-                    )
-                else:
-                    charges = (Charge(spec(rng.randrange(4)), amount),)
-                request = ReserveRequest(f"r{step}", charges, rng.choice([5.0, 600.0]), f"m{step}")
-                got = lean.reserve(request)
-                assert got == general.reserve(request), step
-                if got.ok:
-                    open_ids.append(request.id)
-                    if rng.random() < 0.1:  # an open id, granted or denied, is refused by both
-                        for store in (lean, general):
-                            with pytest.raises(ValueError, match="already open"):
-                                store.reserve(request)
-            else:
-                rid = rng.choice(open_ids)
-                if rng.random() < 0.8:
-                    open_ids.remove(rid)
-                actuals = None if rng.random() < 0.2 else [rng.choice([0.0, 0.5, 1.0, 2.0, 100.0, 1e-7, 7])] * 2
-                assert lean.settle(rid, actuals) == general.settle(rid, actuals), step
-            clock.advance(rng.choice([0.0, 0.25, 1 / 3, 3.0, 900.0]))
-            assert stored_rows(tmp_path / "lean.db") == stored_rows(tmp_path / "gen.db"), step
-    finally:
-        lean.close()
-        general.close()
-
-
-def transactions(log: list[str]) -> list[list[str]]:
-    """The statements a store ran (from a trace callback), one list per transaction."""
-    out: list[list[str]] = []
-    for sql in log:
-        if sql.startswith("BEGIN"):
-            out.append([])
-        elif out and not sql.startswith(("COMMIT", "ROLLBACK")):
-            out[-1].append(sql.split(" ", 3)[0] + " " + sql.split(" ", 3)[1])
-    return out
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_sql_paths_compute_what_base_computes(tmp_path: Path, seed: int) -> None:
-    """The one-UPDATE reserve and settle are base.refresh / apply_reserve / apply_settle in SQL.
-
-    Random specs (refill from tiny to huge, calendar periods seen by lagging and leading
-    clocks), random stored buckets (full, empty, negative, above a lowered limit, written
-    in the future, in an older or a newer period), random amounts and actuals, and times
-    that cross period ends: after every reserve and settle both stores hold the same rows,
-    bit for bit, and most operations took the SQL paths.
-    """
-    rng = random.Random(seed)
-    clock = FakeClock(start=T0)
-    lean_path, general_path = tmp_path / "lean.db", tmp_path / "gen.db"
-    lean, general = SQLiteStore(lean_path, clock=clock), GeneralPathsOnly(general_path, clock=clock)
-    log: list[str] = []
-    lean._connection().set_trace_callback(log.append)
-    period = 3600.0
-    weird = [0.1 + 0.2, 1 / 3, 1e-300, 5e-324, 2.0**53 + 2, 1e15, 7.5, 100.0]
-    try:
-        for step in range(400):
-            now = clock.now()
-            start = T0 + period * ((now - T0) // period)
-            lag = rng.choice([0.0, 0.0, -period, period])
-            capacity = rng.choice(weird)
-            spec = BucketSpec(
-                f"k{rng.randrange(3)}",
-                capacity,
-                rng.choice([0.0, 0.0, 0.5, 1 / 3, 1e-9, 1e9]),
-                *((start + lag, start + lag + period) if rng.random() < 0.5 else (None, None)),
-            )
-            row = (
-                spec.key,
-                rng.choice([capacity, capacity, capacity * rng.random(), -capacity, capacity * 3, 0.0, -0.0]),
-                now + rng.choice([0.0, -0.1, -1 / 3, -1e4, 1e-6, 5.0]),
-                rng.choice([None, start, start - period, start + period]) if rng.random() < 0.4 else spec.period_start,
-                rng.choice([0.0, 12.5, 0.1 + 0.2]),
-            )
-            bound = rng.choice([now + 300, now + 300, now + 300, now + 300, now + 300, None, now])
-            for path in (lean_path, general_path):
-                with sqlite3.connect(path) as conn:
-                    conn.execute(
-                        "REPLACE INTO store (kind, key, level, updated_at, period_start, spent)"
-                        " VALUES (1, ?, ?, ?, ?, ?)",
-                        row,
-                    )
-                    conn.execute("UPDATE store SET expires_at = ? WHERE kind = 0", (bound,))
-            amount = rng.choice([1.0, 0.1, 1e-7, capacity, capacity / 3, capacity / 3, 0.0, 2 * capacity, 1e16, -1.0])
-            request = ReserveRequest(f"r{step}", (Charge(spec, amount),), rng.choice([600.0, 600.0, 600.0, 60.0]), "m")
-            got = lean.reserve(request)
-            assert got == general.reserve(request), step
-            assert stored_rows(lean_path) == stored_rows(general_path), step
-            clock.advance(rng.choice([0.0, 0.25, 1 / 3, 3.0, 1800.0, period]))
-            if got.ok and rng.random() < 0.3:  # meanwhile a process with a leading clock starts the next period
-                for path in (lean_path, general_path):
-                    with sqlite3.connect(path) as conn:
-                        conn.execute(
-                            "UPDATE store SET period_start = ?, level = ? WHERE kind = 1 AND key = ?",
-                            (start + period, capacity / 2, spec.key),
-                        )
-            if got.ok:
-                actuals = rng.choice([None, [0.0], [amount], [amount / 2], [amount * 2 + 1], [1e16], [-0.0], []])
-                if actuals == []:
-                    for store in (lean, general):
-                        with pytest.raises(ValueError, match="actual amounts"):
-                            store.settle(request.id, actuals)
-                    actuals = None  # nothing was changed: settle it for real
-                assert lean.settle(request.id, actuals) == general.settle(request.id, actuals), step
-                assert stored_rows(lean_path) == stored_rows(general_path), step
-    finally:
-        lean.close()
-        general.close()
-    kinds = transactions(log)
-    sql_reserves = sum(t == ["UPDATE store", "INSERT INTO"] for t in kinds)
-    sql_settles = sum(t == ["DELETE FROM", "UPDATE store"] for t in kinds)
-    assert sql_reserves > 80 and sql_settles > 150, (sql_reserves, sql_settles)

@@ -1,16 +1,19 @@
 -- budgetguard: bucket arithmetic shared by every script (the store prepends this file).
 -- It mirrors budgetguard/stores/base.py (refresh, retry_after, apply_reserve, apply_settle)
--- line for line; the contract suite checks that both agree.
+-- and budgetguard/periods.py (PeriodRule.bounds) line for line; the contract suite checks
+-- that both agree. Every time is the server's (TIME): clients send period rules, not bounds.
 --
 -- KEYS[1], the state hash, holds every bucket and every open lease of a namespace, so a
 -- script reads all it needs with one HMGET and writes it back with one HSET:
 --   b:<hex>  a bucket (hex = sha256 of its key): cmsgpack of level, updated_at,
 --            period_start (false: none), spent
 --   k:<hex>  the bucket's readable key (written once, for debugging)
---   r:<id>   an open lease: cmsgpack of the flat values nonce, meta, then per charge
---            bucket field, capacity, refill, period_start, period_end, took, lent,
---            period, lender field, lender capacity, refill, period_start, period_end,
---            lender period (false stands for none; msgpack keeps doubles exact)
+--   r:<id>   an open lease: cmsgpack of the flat values nonce, meta, the lease format (2),
+--            then per charge bucket field, capacity, refill, period rule, took, lent,
+--            period, lender field, lender capacity, refill, period rule, lender period
+--            (false stands for none; msgpack keeps doubles exact). Format 1 (budgetguard
+--            before period rules: no format value, period bounds instead of rules) is
+--            read as format 2 without rules.
 --   next     a lower bound of the earliest lease expiry (absent: unknown). Reserve only
 --            probes the expiry zset once the server clock reaches it.
 -- KEYS[2], the expiry zset: reservation id by lease expiry (server time).
@@ -19,13 +22,15 @@
 --
 -- Written for speed (every script runs this chunk, and Redis runs one script at a time):
 -- a bucket is a table {level, updated_at, period (false: none), spent}; a lease stays the
--- flat array cmsgpack.unpack gives (charge i at offset 2 + 14 * (i - 1)); specs travel as
--- their four numbers (capacity, refill, period_start, period_end; false for none) and
--- periods are always a number or false, so Python's None == None is Lua's false == false.
+-- flat array cmsgpack.unpack gives (charge i at offset 3 + 12 * (i - 1)); specs travel as
+-- capacity, refill and period rule (a table {unit, offset, change time, offset, ...} or
+-- false), and periods are always a number or false, so Python's None == None is Lua's
+-- false == false.
 
 local now = 0
 local state_key, expiry_key = KEYS[1], KEYS[2]
-local tonumber, unpack, pack, mmin = tonumber, unpack, cmsgpack.pack, math.min
+local tonumber, unpack, pack, mmin, floor = tonumber, unpack, cmsgpack.pack, math.min, math.floor
+local huge = math.huge
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -47,10 +52,77 @@ local function decode_state(raw)
   return {l, u, p, s}
 end
 
+-- periods.PeriodRule.bounds: rule = {unit, offset, change time, offset, ...}.
+local DAY = 86400
+local FIXED = {minute = 60, hour = 3600, day = DAY}
+
+local function offset_at(rule, t)
+  local offset = rule[2]
+  for i = 3, #rule - 1, 2 do
+    if t < rule[i] then break end
+    offset = rule[i + 1]
+  end
+  return offset
+end
+
+local function to_utc(rule, wall)
+  local offset = rule[2]
+  for i = 3, #rule - 1, 2 do
+    local after = rule[i + 1]
+    if wall < rule[i] + math.max(offset, after) then break end
+    offset = after
+  end
+  return wall - offset
+end
+
+local function civil_from_days(days)
+  local z = days + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local day = doy - floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  return yoe + era * 400 + (month <= 2 and 1 or 0), month, day
+end
+
+local function days_from_civil(year, month, day)
+  local y = month <= 2 and year - 1 or year
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local doy = floor((153 * (month > 2 and month - 3 or month + 9) + 2) / 5) + day - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local function local_start(unit, wall)
+  local size = FIXED[unit]
+  if size then return floor(wall / size) * size end
+  local days = floor(wall / DAY)
+  if unit == 'week' then return (days - (days + 3) % 7) * DAY end
+  local _, _, day = civil_from_days(days)
+  return (days - day + 1) * DAY
+end
+
+local function local_next(unit, start)
+  local size = FIXED[unit]
+  if size then return start + size end
+  if unit == 'week' then return start + 7 * DAY end
+  local year, month = civil_from_days(floor(start / DAY))
+  if month == 12 then year, month = year + 1, 1 else month = month + 1 end
+  return days_from_civil(year, month, 1) * DAY
+end
+
+local function period_bounds(rule, t)
+  local first = local_start(rule[1], t + offset_at(rule, t))
+  return to_utc(rule, first), to_utc(rule, local_next(rule[1], first))
+end
+
 -- base.refresh; a new bucket is marked [5] = true (flush() then writes its readable key).
-local function refresh(st, cap, rate, ps, pe, t)
-  local period = ps
-  if ps and pe and t >= pe then period = pe end
+local function refresh(st, cap, rate, rule, t)
+  local period = false
+  if rule then period = period_bounds(rule, t) end
   if not st then
     return {cap, t, period, 0, true}
   end
@@ -69,35 +141,62 @@ local function refresh(st, cap, rate, ps, pe, t)
   return st
 end
 
--- base.retry_after
-local function retry_after(st, cap, rate, pe, amount, t)
-  local function is_finite(x)
-    return x == x and x ~= math.huge and x ~= -math.huge
+-- base.retry_after. sources: {state, capacity, refill, rule, planned} per bucket a charge
+-- draws on (its own, then its lender's).
+local function retry_after(sources, amount, t)
+  local ends, changes = {}, {}
+  local function change(x)
+    if x > 0 and x < huge then changes[#changes + 1] = x end
   end
-  local need = amount - st[1]
-  if need <= 0 then return 0 end
-  if amount > cap + 1e-9 then return nil end
-  local best = nil
-  if rate > 0 then
-    local w = need / rate
-    if is_finite(w) then best = w end
+  for i, s in ipairs(sources) do
+    local e = huge
+    if s[4] then
+      local _, period_end = period_bounds(s[4], t)
+      e = period_end - t
+    end
+    if not (e > 0) then e = huge end
+    ends[i] = e
+    change(e)
+    if s[3] > 0 then
+      change((s[5] - s[1][1]) / s[3])
+      change((s[2] - s[1][1]) / s[3])
+    end
   end
-  if pe and t < pe then  -- past the end: the next end is unknown
-    local w = math.max(pe - t, 0)
-    if best == nil or w < best then best = w end
+  table.sort(changes)
+  changes[#changes + 1] = huge
+  local function level(i, at)
+    local s = sources[i]
+    if at >= ends[i] then return s[2] end
+    return mmin(s[2], s[1][1] + s[3] * at)
   end
-  return best
+  local at = 0
+  for _, upto in ipairs(changes) do
+    local covered = 0
+    for i, s in ipairs(sources) do covered = covered + math.max(level(i, at) - s[5], 0) end
+    if covered >= amount then return at end
+    local middle = upto == huge and at + 1 or (at + upto) / 2
+    local slope = 0
+    for i, s in ipairs(sources) do
+      local l = level(i, middle)
+      if s[3] > 0 and s[5] < l and l < s[2] then slope = slope + s[3] end
+    end
+    if slope > 0 and at + (amount - covered) / slope <= upto then
+      return at + (amount - covered) / slope
+    end
+    at = upto
+  end
+  return nil
 end
 
 -- The bucket in `field` brought up to now (loaded once per script, with an HGET if no
 -- HMGET fetched it). Refreshing again at the same now changes nothing (MemoryStore's
 -- getter relies on that too), so every charge on one bucket sees the same table.
-local function touch(field, cap, rate, ps, pe)
+local function touch(field, cap, rate, rule)
   local st = loaded[field]
   if st == nil then
     st = decode_state(redis.call('HGET', state_key, field))
   end
-  st = refresh(st, cap, rate, ps, pe, now)
+  st = refresh(st, cap, rate, rule, now)
   loaded[field] = st
   return st
 end
@@ -137,12 +236,27 @@ local function flush(names, f1, v1, f2, v2)
   if n > 0 then redis.call('HSET', state_key, unpack(args, 1, n)) end
 end
 
-local CHARGE_FIELDS = 14
+local CHARGE_FIELDS = 12
+local LEASE_HEAD = 3  -- nonce, meta, format
+
+-- A lease's flat values (format 2; a format-1 lease is converted, its specs without rules).
+local function decode_lease(raw)
+  local v = {cmsgpack.unpack(raw)}
+  if type(v[3]) == 'number' then return v end
+  local out, n = {v[1], v[2], 2}, LEASE_HEAD
+  for o = 2, #v - 1, 14 do
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = v[o + 1], v[o + 2], v[o + 3], false
+    out[n + 5], out[n + 6], out[n + 7] = v[o + 6], v[o + 7], v[o + 8]
+    out[n + 8], out[n + 9], out[n + 10], out[n + 11], out[n + 12] = v[o + 9], v[o + 10], v[o + 11], false, v[o + 14]
+    n = n + CHARGE_FIELDS
+  end
+  return out
+end
 
 -- One HMGET for every bucket a lease (flat values) touches that is not loaded yet.
 local function prefetch(v, want, seen)
-  for o = 2, #v - 1, CHARGE_FIELDS do
-    local b, l = v[o + 1], v[o + 9]
+  for o = LEASE_HEAD, #v - 1, CHARGE_FIELDS do
+    local b, l = v[o + 1], v[o + 8]
     if loaded[b] == nil and not seen[b] then
       seen[b] = true
       want[#want + 1] = b
@@ -166,14 +280,14 @@ end
 local function settle_lease(v, actuals, first)
   local finals = {}
   local i = 0
-  for o = 2, #v - 1, CHARGE_FIELDS do
+  for o = LEASE_HEAD, #v - 1, CHARGE_FIELDS do
     i = i + 1
-    local cap, took, lent, lf = v[o + 2], v[o + 6], v[o + 7], v[o + 9]
+    local cap, took, lent, lf = v[o + 2], v[o + 5], v[o + 6], v[o + 8]
     local total = took + lent
     local final = total
     if actuals ~= nil then final = actuals[first + i - 1] end
     local delta = final - total
-    local st = touch(v[o + 1], cap, v[o + 3], v[o + 4], v[o + 5])
+    local st = touch(v[o + 1], cap, v[o + 3], v[o + 4])
     mark(v[o + 1])
     local lent_final = lent
     if delta < 0 then
@@ -181,14 +295,14 @@ local function settle_lease(v, actuals, first)
       local back = mmin(refund, lent)
       lent_final = lent - back
       if lf and back ~= 0 then
-        local lst = touch(lf, v[o + 10], v[o + 11], v[o + 12], v[o + 13])
+        local lst = touch(lf, v[o + 9], v[o + 10], v[o + 11])
         mark(lf)
-        if lst[3] == v[o + 14] then
-          lst[1] = mmin(v[o + 10], lst[1] + back)
+        if lst[3] == v[o + 12] then
+          lst[1] = mmin(v[o + 9], lst[1] + back)
         end
       end
       local rest = refund - back
-      if rest ~= 0 and st[3] == v[o + 8] then
+      if rest ~= 0 and st[3] == v[o + 7] then
         st[1] = mmin(cap, st[1] + rest)
       end
     elseif delta > 0 then
@@ -196,7 +310,7 @@ local function settle_lease(v, actuals, first)
     end
     st[4] = st[4] + (final - lent_final)
     if lf and lent_final ~= 0 then
-      local lst = touch(lf, v[o + 10], v[o + 11], v[o + 12], v[o + 13])
+      local lst = touch(lf, v[o + 9], v[o + 10], v[o + 11])
       mark(lf)
       lst[4] = lst[4] + lent_final
     end
@@ -223,7 +337,7 @@ local function sweep(limit)
     local leases, want, seen = {}, {}, {}
     for i, raw in ipairs(raws) do
       if raw then
-        leases[i] = {cmsgpack.unpack(raw)}
+        leases[i] = decode_lease(raw)
         prefetch(leases[i], want, seen)
       end
     end

@@ -2,7 +2,7 @@
 -- KEYS: state hash, expiry zset.
 -- ARGV[1]: the request as a sequence of MessagePack values (false stands for none):
 --   id, nonce, lease_seconds, meta, n,
---   n specs: bucket hex, readable key, capacity, refill, period_start, period_end,
+--   n specs: bucket hex, readable key, capacity, refill, period rule,
 --   per charge: spec index (1-based), amount, lender spec index or 0
 -- Reply: 1 reserved, 3 replay of this very request (its reply was lost), 2 id already
 --   open; or, when denied or when leases expired, a table
@@ -16,9 +16,9 @@ local id = r[1]
 local nspec = r[5]
 local lease_field = 'r:' .. id
 
--- Spec j: r[s + 1] hex .. r[s + 6] period_end with s = 6 * j - 1; its field is fields[j + 2].
+-- Spec j: r[s + 1] hex .. r[s + 5] period rule with s = 5 * j; its field is fields[j + 2].
 local fields = {'next', lease_field}
-for j = 1, nspec do fields[j + 2] = 'b:' .. r[6 * j] end
+for j = 1, nspec do fields[j + 2] = 'b:' .. r[5 * j + 1] end
 
 local v = redis.call('HMGET', state_key, unpack(fields))
 local names = nil  -- field -> readable key of each bucket not stored yet
@@ -29,7 +29,7 @@ for j = 1, nspec do
   else
     loaded[f] = false
     names = names or {}
-    names[f] = r[6 * j + 1]
+    names[f] = r[5 * j + 2]
   end
 end
 local stored_next = tonumber(v[1])
@@ -64,62 +64,58 @@ if open then
 end
 
 -- base.apply_reserve. Charge i: spec index r[c + 1], amount r[c + 2], lender index r[c + 3]
--- with c = 6 * nspec + 2 + 3 * i; planned[field] is what this request took so far.
+-- with c = 5 * nspec + 2 + 3 * i; planned[field] is what this request took so far.
 local planned = {}
-local lease, n = {r[2], r[4]}, 2
-local c = 6 * nspec + 2
-for i = 1, (#r - 5 - 6 * nspec) / 3 do
+local lease, n = {r[2], r[4], 2}, LEASE_HEAD
+local c = 5 * nspec + 2
+for i = 1, (#r - 5 - 5 * nspec) / 3 do
   c = c + 3
   local j, amount, lj = r[c + 1], r[c + 2], r[c + 3]
-  local s = 6 * j - 1
-  local cap, rate, ps, pe = r[s + 3], r[s + 4], r[s + 5], r[s + 6]
+  local s = 5 * j
+  local cap, rate, rule = r[s + 3], r[s + 4], r[s + 5]
   local bf = fields[j + 2]
-  local st = touch(bf, cap, rate, ps, pe)
+  local st = touch(bf, cap, rate, rule)
   local avail = math.max(st[1] - (planned[bf] or 0), 0)
   local took, lent = amount, 0
-  local lst = nil
+  local lst, lf, l = nil, nil, 5 * lj
   if avail < amount then
     local short = amount - avail
     local lavail = 0
     if lj > 0 then
-      lst = touch(fields[lj + 2], r[6 * lj + 2], r[6 * lj + 3], r[6 * lj + 4], r[6 * lj + 5])
-      lavail = math.max(lst[1] - (planned[fields[lj + 2]] or 0), 0)
+      lf = fields[lj + 2]
+      lst = touch(lf, r[l + 3], r[l + 4], r[l + 5])
+      lavail = math.max(lst[1] - (planned[lf] or 0), 0)
     end
     if lavail < short then
-      local wait = retry_after(st, cap, rate, pe, amount, now)
-      if lst ~= nil then
-        local lwait = retry_after(lst, r[6 * lj + 2], r[6 * lj + 3], r[6 * lj + 5], short, now)
-        if wait == nil or (lwait ~= nil and lwait < wait) then wait = lwait end
-      end
+      local sources = {{st, cap, rate, rule, planned[bf] or 0}}
+      if lst ~= nil then sources[2] = {lst, r[l + 3], r[l + 4], r[l + 5], planned[lf] or 0} end
+      local wait = retry_after(sources, amount, now)
       return finish(0, i - 1, fmt(avail + lavail), wait and fmt(wait) or '')  -- the sweep's changes stay
     end
     took, lent = avail, short
   end
   planned[bf] = (planned[bf] or 0) + took
-  lease[n + 1], lease[n + 2], lease[n + 3], lease[n + 4], lease[n + 5] = bf, cap, rate, ps, pe
-  lease[n + 6], lease[n + 7], lease[n + 8] = took, lent, st[3]
+  lease[n + 1], lease[n + 2], lease[n + 3], lease[n + 4] = bf, cap, rate, rule
+  lease[n + 5], lease[n + 6], lease[n + 7] = took, lent, st[3]
   if lent ~= 0 then
-    local lf = fields[lj + 2]
     planned[lf] = (planned[lf] or 0) + lent
-    lease[n + 9], lease[n + 10], lease[n + 11] = lf, r[6 * lj + 2], r[6 * lj + 3]
-    lease[n + 12], lease[n + 13], lease[n + 14] = r[6 * lj + 4], r[6 * lj + 5], lst[3]
+    lease[n + 8], lease[n + 9], lease[n + 10], lease[n + 11], lease[n + 12] = lf, r[l + 3], r[l + 4], r[l + 5], lst[3]
   else
-    lease[n + 9], lease[n + 10], lease[n + 11], lease[n + 12], lease[n + 13], lease[n + 14] =
-      false, false, false, false, false, false
+    lease[n + 8], lease[n + 9], lease[n + 10], lease[n + 11], lease[n + 12] = false, false, false, false, false
   end
   n = n + CHARGE_FIELDS
 end
 
 -- Take each charge (its bucket, then its lender) in order, as base.apply_reserve does; the
 -- buckets written are those it touched: every charge's, and a lender when it lent.
-for o = 2, n - 1, CHARGE_FIELDS do
-  local bf, lf = lease[o + 1], lease[o + 9]
+for o = LEASE_HEAD, n - 1, CHARGE_FIELDS do
+  local bf, lf = lease[o + 1], lease[o + 8]
   local st = loaded[bf]
-  st[1] = st[1] - lease[o + 6]
+  st[1] = st[1] - lease[o + 5]
   mark(bf)
   if lf then
     local lst = loaded[lf]
-    lst[1] = lst[1] - lease[o + 7]
+    lst[1] = lst[1] - lease[o + 6]
     mark(lf)
   end
 end

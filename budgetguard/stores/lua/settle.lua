@@ -9,17 +9,18 @@ local id = a[1]
 local lease_field = 'r:' .. id
 local raw = redis.call('HGET', state_key, lease_field)
 if not raw then return 0 end
-local lease = {cmsgpack.unpack(raw)}
+local lease = decode_lease(raw)
 local actuals = a
 if a[2] == false then
   actuals = nil
 else
-  local charges = (#lease - 2) / CHARGE_FIELDS
+  local charges = (#lease - LEASE_HEAD) / CHARGE_FIELDS
   if #a - 1 < charges then
     return redis.error_reply('budgetguard: ' .. (#a - 1) .. ' actual amounts for ' .. charges .. ' charges')
   end
 end
-if #lease > 2 + CHARGE_FIELDS or lease[11] then  -- else touch() reads the one bucket with HGET
+-- Several buckets: one HMGET; else touch() reads the one bucket with HGET.
+if #lease > LEASE_HEAD + CHARGE_FIELDS or lease[LEASE_HEAD + 8] then
   load_fields(prefetch(lease, {}, {}))
 end
 settle_lease(lease, actuals, 2)
