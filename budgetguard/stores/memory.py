@@ -129,9 +129,13 @@ class MemoryStore:
             self._schedule_state(spec, state, now)
 
     def _schedule_state(self, spec: BucketSpec, state: BucketState, now: float) -> None:
+        if not spec.refill_per_second and spec.period is None and state.level < spec.capacity:
+            # Nothing but a refund can fill it (and the settle that refunds schedules it):
+            # skips retry_after's walk for lifetime budgets, which every settle writes.
+            return
         wait = retry_after([(state, spec, 0.0)], spec.capacity, now)
         if wait is None:
-            return  # never full again by itself (no refill, no period); a refund reschedules it
+            return
         self._scheduled.add(spec.key)
         heapq.heappush(self._full_at, (now + wait, spec.key, spec))
 
