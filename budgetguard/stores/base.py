@@ -60,6 +60,7 @@ __all__ = [
     "apply_reserve",
     "apply_settle",
     "current_period",
+    "full_after",
     "refresh",
     "retry_after",
 ]
@@ -269,6 +270,17 @@ def retry_after(sources: Sequence[Source], amount: float, now: float) -> float |
             return at + (amount - covered) / slope
         at = until
     return None
+
+
+def full_after(state: BucketState, spec: BucketSpec, now: float) -> float | None:
+    """Seconds until the (refreshed) bucket is full again by itself, or ``None`` if never.
+
+    A bucket that is full and that no reservation holds grants what a new bucket grants,
+    so the stores forget it then. One without refill or period fills only by a refund.
+    """
+    if not spec.refill_per_second and spec.period is None:  # spares retry_after's walk
+        return 0.0 if state.level >= spec.capacity else None
+    return retry_after([(state, spec, 0.0)], spec.capacity, now)
 
 
 StateGetter = Callable[[BucketSpec], BucketState]

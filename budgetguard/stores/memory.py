@@ -18,8 +18,8 @@ from budgetguard.stores.base import (
     StateGetter,
     apply_reserve,
     apply_settle,
+    full_after,
     refresh,
-    retry_after,
 )
 
 __all__ = ["MemoryStore"]
@@ -129,13 +129,9 @@ class MemoryStore:
             self._schedule_state(spec, state, now)
 
     def _schedule_state(self, spec: BucketSpec, state: BucketState, now: float) -> None:
-        if not spec.refill_per_second and spec.period is None and state.level < spec.capacity:
-            # Nothing but a refund can fill it (and the settle that refunds schedules it):
-            # skips retry_after's walk for lifetime budgets, which every settle writes.
-            return
-        wait = retry_after([(state, spec, 0.0)], spec.capacity, now)
+        wait = full_after(state, spec, now)
         if wait is None:
-            return
+            return  # only a refund can fill it, and the settle that refunds schedules it
         self._scheduled.add(spec.key)
         heapq.heappush(self._full_at, (now + wait, spec.key, spec))
 

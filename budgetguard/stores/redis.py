@@ -13,13 +13,22 @@ connection. A store built from a URL takes its connections from a
 ``BlockingConnectionPool``: when ``max_connections`` are in use a call waits up to
 ``pool_timeout`` for one, then raises :class:`~budgetguard.errors.StoreUnavailable`.
 
-Key layout (two keys with one hash tag, so every script works on Redis Cluster)::
+Key layout (three keys with one hash tag, so every script works on Redis Cluster)::
 
-    {ns}:state    hash: b:<hex> bucket (msgpack: level, updated_at, period_start, spent)
+    {ns}:state    hash: b:<hex> bucket (msgpack: level, updated_at, period_start, spent,
+                                holds: the open leases holding it)
                         k:<hex> the bucket's readable key (debugging)
                         r:<id>  open reservation (lease, msgpack)
                         next    lower bound of the earliest lease expiry
     {ns}:expiries zset: reservation id by lease expiry (server time)
+    {ns}:full     zset: bucket <hex> by when it is full again, for buckets no lease holds
+
+A bucket that is full and that no lease holds grants what a new one grants: each settle
+forgets up to 8 buckets whose time in ``{ns}:full`` has come (a sweep up to 1,000), and
+one is made again, full, when next used. So the hash holds the buckets in use, not one
+per scope value ever seen. (Redis 7.4 expires hash fields itself, ``HEXPIREAT``; the
+zset works on the Redis 7.0 this is tested on, and the scripts that move a bucket's time
+are the ones that write the zset.)
 
 ``<hex>`` is the sha256 of the bucket key, so no scope value (``:``, ``{``, newlines, ...)
 can reach into another field. Buckets are fields of one hash rather than keys of their
@@ -103,7 +112,7 @@ class _Scripts:
 def _register(client: Any, kind: type[Script] = Script) -> _Scripts:
     # Each script is lib.lua (the shared arithmetic) followed by its own body.
     # KEYS: the state hash and the expiry zset (snapshot: the state hash only).
-    names = (("reserve.lua", 2), ("settle.lua", 2), ("snapshot.lua", 1), ("sweep.lua", 2))
+    names = (("reserve.lua", 3), ("settle.lua", 3), ("snapshot.lua", 1), ("sweep.lua", 3))
     return _Scripts(*(kind(client, _lua("lib.lua") + "\n" + _lua(name), numkeys) for name, numkeys in names))
 
 
@@ -245,6 +254,8 @@ class RedisStore:
         prefix = "{" + namespace + "}:"
         self._state_key = prefix + "state"
         self._expiry_key = prefix + "expiries"
+        self._full_key = prefix + "full"
+        self._keys = (self._state_key, self._expiry_key, self._full_key)  # the scripts' KEYS (snapshot: the first)
         self._hex_cache: dict[str, str] = {}
         self._spec_cache: dict[BucketSpec, bytes] = {}
         self._lock = threading.Lock()
@@ -495,8 +506,8 @@ class RedisStore:
             StoreUnavailable: Redis cannot be reached (after brief retries).
         """
         payload = self._reserve_payload(request)
-        script, state, expiry = self._sync_scripts().reserve, self._state_key, self._expiry_key
-        return self._reserve_result(request, self._run(lambda: script(state, expiry, payload)))
+        script, keys = self._sync_scripts().reserve, self._keys
+        return self._reserve_result(request, self._run(lambda: script(*keys, payload)))
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Settle once in one round trip; ``False`` if unknown, settled or swept.
@@ -506,9 +517,9 @@ class RedisStore:
                 (nothing is changed).
         """
         payload = self._settle_payload(reservation_id, actuals)
-        script, state, expiry = self._sync_scripts().settle, self._state_key, self._expiry_key
+        script, keys = self._sync_scripts().settle, self._keys
         try:
-            return self._settled(self._run(lambda: script(state, expiry, payload)))
+            return self._settled(self._run(lambda: script(*keys, payload)))
         except rexc.ResponseError as exc:
             raise _settle_error(exc) from exc
 
@@ -521,7 +532,7 @@ class RedisStore:
     def sweep(self) -> tuple[ExpiredLease, ...]:
         """Settle due leases at their reserved amounts (at most 500 per call)."""
         script = self._sync_scripts().sweep
-        return _expired(self._run(lambda: script(self._state_key, self._expiry_key)))
+        return _expired(self._run(lambda: script(*self._keys)))
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled or swept."""
@@ -542,8 +553,8 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.reserve, request)
         payload = self._reserve_payload(request)
-        script, state, expiry = pair[1].reserve, self._state_key, self._expiry_key
-        return self._reserve_result(request, await self._arun(lambda: script(state, expiry, payload)))
+        script, keys = pair[1].reserve, self._keys
+        return self._reserve_result(request, await self._arun(lambda: script(*keys, payload)))
 
     async def asettle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Async :meth:`settle` on the asyncio client."""
@@ -551,9 +562,9 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.settle, reservation_id, actuals)
         payload = self._settle_payload(reservation_id, actuals)
-        script, state, expiry = pair[1].settle, self._state_key, self._expiry_key
+        script, keys = pair[1].settle, self._keys
         try:
-            return self._settled(await self._arun(lambda: script(state, expiry, payload)))
+            return self._settled(await self._arun(lambda: script(*keys, payload)))
         except rexc.ResponseError as exc:
             raise _settle_error(exc) from exc
 
@@ -572,7 +583,7 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.sweep)
         script = pair[1].sweep
-        return _expired(await self._arun(lambda: script(self._state_key, self._expiry_key)))
+        return _expired(await self._arun(lambda: script(*self._keys)))
 
     async def aclose(self) -> None:
         """Close the clients this store created (the current loop's asyncio client too)."""
