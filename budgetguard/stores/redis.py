@@ -262,9 +262,9 @@ class RedisStore:
         self._scripts: _Scripts | None = None
         self._direct: Direct | None = None
         # Per event loop: an asyncio client (URL mode) and a pipeline cannot cross loops.
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, _Scripts]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._loops: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, _Scripts, AsyncPipeline]
+        ] = weakref.WeakKeyDictionary()
         # Nonces let a retried reserve recognise its own lease if the reply was lost.
         self._nonce_prefix = os.urandom(6).hex()
         self._nonces = itertools.count()
@@ -310,9 +310,10 @@ class RedisStore:
                 assert self._url is not None
                 pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **self._options)
                 client = redis.asyncio.Redis.from_pool(pool)
-            pair = (client, _register(AsyncPipeline(client), AsyncScript))
+            pipeline = AsyncPipeline(client)
+            pair = (client, _register(pipeline, AsyncScript), pipeline)
             self._loops[loop] = pair
-        return pair
+        return pair[0], pair[1]
 
     # -- errors ---------------------------------------------------------------------
 
@@ -593,7 +594,10 @@ class RedisStore:
         except RuntimeError:  # pragma: no cover - called outside a loop
             return
         pair = self._loops.pop(loop, None)
-        if pair is not None and pair[0] is not self._aclient:  # ours, built from the URL
+        if pair is None:
+            return
+        await pair[2].aclose()  # the pipeline's connection back to the pool
+        if pair[0] is not self._aclient:  # ours, built from the URL
             await pair[0].aclose()
 
     def __repr__(self) -> str:

@@ -87,8 +87,10 @@ async def test_a_thousand_concurrent_async_calls_through_a_default_pool_client(r
         errors = await reserve_and_settle_all(store, spec, N, "c")
         assert errors == []
         assert (await store.asnapshot(spec)).spent == N * 1.0
-        assert len(client.connection_pool._in_use_connections) == 0
-        assert len(client.connection_pool._available_connections) <= 2
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) + len(pool._available_connections) == 1  # the pipeline's
+        await store.aclose()
+        assert len(pool._in_use_connections) == 0  # given back
     finally:
         await store.aclose()
         await client.aclose()
@@ -116,11 +118,12 @@ async def test_an_async_url_store_waits_for_a_connection_then_gives_up(redis_ser
     store = RedisStore(redis_server.url, namespace=f"await-{uuid.uuid4().hex[:10]}", max_connections=1, pool_timeout=0.4)
     spec = BucketSpec("w", 100.0)
     try:
-        assert (await store.asnapshot(spec)).level == 100.0
-        pool = store._loops[asyncio.get_running_loop()][0].connection_pool
-        held = await pool.get_connection()
+        pool = store._async_scripts()[0].connection_pool  # this loop's client, before its first call
+        held = await pool.get_connection()  # the only connection: the pipeline's first call waits
+        started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="max_connections=1"):
             await store.asnapshot(spec)
+        assert 0.35 < time.monotonic() - started < 5.0
 
         async def give_back() -> None:
             await asyncio.sleep(0.2)
