@@ -9,7 +9,10 @@ store serialized the calls. Then:
 * every call was charged exactly what the model reported, on the global budget and on
   each user's;
 * no reservation is left open;
-* async: all 1,000 calls were inside the model at once.
+* async: all 1,000 calls were inside the model at once;
+* async on an event loop kept busy (each call spends CPU in the model before it waits):
+  every call still reaches the model before the first one ends, as with no store at
+  all (a store whose async calls queue for worker threads let them in a few at a time).
 
 Bounded in count (1,000 async calls, 64 x 10 thread calls per store) and in time (each
 wait has a deadline); assertions are about exactness, never speed.
@@ -156,6 +159,46 @@ async def test_a_thousand_concurrent_ainvokes(make_store: StoreFactory) -> None:
         assert errors == [], f"{len(errors)} of {CALLS} calls failed, e.g. {errors[0]!r}"
         assert gate.most == CALLS  # nothing serialized the calls
         check_books(guard, store, CALLS)
+    finally:
+        await store.aclose()
+        close()
+        aclient = getattr(store, "_aclient", None)
+        if aclient is not None:
+            await aclient.aclose()
+
+
+class BusyModel(UsageFakeChatModel):
+    """A model that keeps the event loop busy (2 ms of CPU) and then waits 50 ms."""
+
+    gate: Any = None  # counts the calls inside (never closed: no waiting at it)
+
+    async def _agenerate(
+        self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kw: Any
+    ) -> ChatResult:
+        self.gate.enter()
+        try:
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0.05)
+            return super()._generate(messages, stop, None, **kw)
+        finally:
+            self.gate.leave()
+
+
+async def test_a_busy_event_loop_lets_every_call_in(make_store: StoreFactory) -> None:
+    store, close = make_store()
+    guard = BudgetGuard([Budget("global", limit=1e9), Budget("per-user", limit=1e7, per="user_id")], store=store, ledger=False)
+    n = 200
+    gate = Gate(n + 1)
+    chain = guard | BusyModel(model_name="gpt-4", replies=["ok"], input_tokens=10, max_tokens=50, gate=gate)
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(chain.ainvoke("hi", {"configurable": {"user_id": f"u{i % USERS}"}}) for i in range(n))),
+            DEADLINE,
+        )
+        assert gate.most == n
+        check_books(guard, store, n)
     finally:
         await store.aclose()
         close()

@@ -10,10 +10,13 @@
   reported once, and the books balance.
 * The lease encoding writes exactly what ``json.dumps`` wrote (schema-1 leases read
   back unchanged) and floats round-trip bit for bit.
+* Async writes run on the event loop's thread when they need not wait, and in a worker
+  thread when another thread is writing or ``synchronous`` is FULL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import random
@@ -409,3 +412,68 @@ def test_memo_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert all(store.settle(f"r{i}", [0.5]) for i in range(10))  # remembered or not
         assert store.snapshot(POOL).spent == 5.0
         assert store._memo == {}
+
+
+# -- async writes: at once on the loop, or in a worker thread when they would wait ------
+
+
+def count_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the functions the store hands to asyncio.to_thread."""
+    calls: list[str] = []
+    real = asyncio.to_thread
+
+    async def to_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    return calls
+
+
+def test_async_writes_with_no_other_writer_run_on_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_threads(monkeypatch)
+    store = SQLiteStore(tmp_path / "loop.db")
+
+    async def main() -> None:
+        for i in range(20):
+            assert (await store.areserve(ReserveRequest(f"r{i}", (Charge(TEAM, 1.0, POOL),), 60.0))).ok
+            assert await store.asettle(f"r{i}", [1.0])
+        with pytest.raises(ValueError, match="already open"):  # the body's own errors still propagate
+            await store.areserve(ReserveRequest("dup", (Charge(POOL, 1.0),), 60.0))
+            await store.areserve(ReserveRequest("dup", (Charge(POOL, 1.0),), 60.0))
+
+    asyncio.run(main())
+    assert calls == []
+    assert store.snapshot(TEAM).spent == 20.0
+    assert store.open_reservations() == 1
+    store.close()
+
+
+def test_async_writes_wait_in_a_thread_while_another_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_threads(monkeypatch)
+    store = SQLiteStore(tmp_path / "busy.db")
+    store._write_lock.acquire()  # as a worker thread in the middle of a write
+    threading.Timer(0.2, store._write_lock.release).start()
+
+    async def main() -> None:
+        assert (await store.areserve(ReserveRequest("r", (Charge(POOL, 1.0),), 60.0))).ok
+
+    asyncio.run(main())
+    assert calls == ["reserve"]
+    assert store.snapshot(POOL).level == 999.0
+    store.close()
+
+
+def test_async_writes_with_synchronous_full_use_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_threads(monkeypatch)
+    store = SQLiteStore(tmp_path / "full.db", synchronous="FULL")
+
+    async def main() -> None:
+        assert (await store.areserve(ReserveRequest("r", (Charge(POOL, 1.0),), 60.0))).ok
+        assert await store.asettle("r", [1.0])
+
+    asyncio.run(main())
+    assert calls == ["reserve", "settle"]  # every commit waits for the disk
+    store.close()
