@@ -13,9 +13,10 @@ ledger, on each store: ``memory://``, a SQLite file, and Redis from a URL (a pri
 redis-server).
 
 At each level N, ``N`` tasks on one event loop make ``calls`` ``ainvoke``s in all, each
-task one after the other. A round runs every case once (bare, then each store, order
-rotated each round, so machine drift hits all alike); a store's throughput ratio is its
-calls/s over the bare chain's in the same round, and the figure is the median over rounds.
+task one after the other. A round runs every case once (the order rotated each round, so
+machine drift hits all alike); a store's throughput ratio is its calls/s over the bare
+chain's in the same round, and the figure is the median over rounds. Before each case the
+objects earlier cases left alive are frozen out of the garbage collector's scans.
 For each case it reports:
 
 * ``in flight``: the most HTTP requests outstanding at once (an httpx event hook counts
@@ -24,6 +25,9 @@ For each case it reports:
 * ``calls/s`` (median) and the ratio to bare (median, and its range over rounds);
 * ``CPU/call``: this process's CPU time per call (every thread: the event loop, SQLite's
   worker threads), median over rounds;
+* ``CPU ratio``: bare's CPU per call over the case's in the same round (median, range): the
+  throughput ratio a CPU-bound run shows when both get the same share of the machine, so
+  it does not move with other processes' load as calls/s does;
 * ``guard CPU``: what ``guard |`` adds per call with this store, measured apart and
   precisely (one call at a time, ``prompt | UsageFakeChatModel`` with and without the
   guard, alternating chunks): the guard's own work plus the store's reserve and settle;
@@ -168,7 +172,10 @@ async def run_case(
     # Warm: connections, the guard's caches, the store's scripts and tables.
     await asyncio.gather(*(chain.ainvoke({"q": "warm up"}, {"configurable": {"user_id": "u0"}}) for _ in range(min(level, 20))))
     counter.most = 0
+    # What earlier cases left alive is frozen out of the collector's scans, so each case
+    # pays for its own objects only (whichever ran before it).
     gc.collect()
+    gc.freeze()
     next_call = iter(range(calls))
     errors = 0
 
@@ -184,6 +191,7 @@ async def run_case(
     wall0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(level)))
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    gc.unfreeze()
     server = {name: (cpu_seconds(pid) - server0[name]) / calls for name, pid in pids.items()}
     await client.aclose()
     if store is not None:
@@ -223,37 +231,40 @@ def main() -> None:
             calls = {1: 40}.get(level, max(400, level))
             results: dict[str, list[dict[str, float]]] = {c: [] for c in CASES}
             ratios: dict[str, list[float]] = {c: [] for c in CASES if c != "bare"}
+            cpu_ratios: dict[str, list[float]] = {c: [] for c in CASES if c != "bare"}
             for r in range(args.rounds):
-                order = ("bare",) + CASES[1:][r % 3 :] + CASES[1:][: r % 3]
+                order = CASES[r % 4 :] + CASES[: r % 4]  # each case in each position in turn
                 round_results = {}
                 for case in order:
                     round_results[case] = asyncio.run(
                         run_case(case, level, calls, base_url, Path(tmp), redis_server.url, pids)
                     )
                     results[case].append(round_results[case])
-                for case in ratios:
-                    ratios[case].append(round_results[case]["rate"] / round_results["bare"]["rate"])
+                for case, store_ratios in ratios.items():
+                    store_ratios.append(round_results[case]["rate"] / round_results["bare"]["rate"])
+                    cpu_ratios[case].append(round_results["bare"]["cpu"] / round_results[case]["cpu"])
             print(f"\nN = {level} in flight, {calls} calls per case, {args.rounds} rounds, load {os.getloadavg()[0]:.2f}")
             print(
                 f"  {'case':<7} {'in flight':>9} {'errors':>6} {'calls/s':>8} {'ratio [range]':>20} {'CPU/call':>9} "
-                f"{'guard CPU':>9} {'expected':>8} {'stub':>7} {'redis':>6}"
+                f"{'CPU ratio [range]':>20} {'guard CPU':>9} {'expected':>8} {'stub':>7} {'redis':>6}"
             )
             bare_cpu = statistics.median(x["cpu"] for x in results["bare"])
             for case in CASES:
                 xs = results[case]
                 cpu = statistics.median(x["cpu"] for x in xs)
                 if case in ratios:
-                    rs = ratios[case]
+                    rs, cs = ratios[case], cpu_ratios[case]
                     ratio = f"{statistics.median(rs):.3f} [{min(rs):.2f}-{max(rs):.2f}]"
+                    cpu_ratio = f"{statistics.median(cs):.3f} [{min(cs):.2f}-{max(cs):.2f}]"
                     extra = f"{overhead[case] * 1e6:.0f} us"
                     expected = f"{bare_cpu / (bare_cpu + overhead[case]):.3f}"
                 else:
-                    ratio, extra, expected = "1", "", ""
+                    ratio, cpu_ratio, extra, expected = "1", "1", "", ""
                 redis_cpu = f"{statistics.median(x['redis_cpu'] for x in xs) * 1e6:.0f} us" if case == "redis" else ""
                 print(
                     f"  {case:<7} {min(x['most'] for x in xs):>4}-{max(x['most'] for x in xs):<4} "
                     f"{sum(x['errors'] for x in xs):>6} {statistics.median(x['rate'] for x in xs):>8.1f} {ratio:>20} "
-                    f"{cpu * 1e6:>6.0f} us {extra:>9} {expected:>8} "
+                    f"{cpu * 1e6:>6.0f} us {cpu_ratio:>20} {extra:>9} {expected:>8} "
                     f"{statistics.median(x['stub_cpu'] for x in xs) * 1e6:>4.0f} us {redis_cpu:>6}"
                 )
     stop.set()
