@@ -1,7 +1,7 @@
 -- budgetguard: bucket arithmetic shared by every script (the store prepends this file).
--- It mirrors budgetguard/stores/base.py (refresh, retry_after, apply_reserve, apply_settle)
--- and budgetguard/periods.py (PeriodRule.bounds) line for line; the contract suite checks
--- that both agree. Every time is the server's (TIME): clients send period rules, not bounds.
+-- It mirrors budgetguard/stores/base.py (refresh, retry_after, full_after, apply_reserve,
+-- apply_settle) and budgetguard/periods.py (PeriodRule.bounds) line for line; the contract
+-- suite checks that both agree. Every time is the server's (TIME): clients send period rules, not bounds.
 --
 -- KEYS[1], the state hash, holds every bucket and every open lease of a namespace, so a
 -- script reads all it needs with one HMGET and writes it back with one HSET:
@@ -194,6 +194,20 @@ local function retry_after(sources, amount, t)
   return nil
 end
 
+-- base.full_after: seconds until the refreshed bucket st is full again by itself, or nil.
+local function full_after(st, cap, rate, rule)
+  if st[1] >= cap then return 0 end
+  local wait = huge
+  if rate > 0 then wait = (cap - st[1]) / rate end
+  if rule then
+    local _, period_end = period_bounds(rule, now)
+    local e = period_end - now
+    if e > 0 and e < wait then wait = e end
+  end
+  if wait == huge then return nil end
+  return wait
+end
+
 -- The bucket in `field` brought up to now (loaded once per script, with an HGET if no
 -- HMGET fetched it). Refreshing again at the same now changes nothing (MemoryStore's
 -- getter relies on that too), so every charge on one bucket sees the same table.
@@ -234,7 +248,7 @@ local function flush(names, f1, v1, f2, v2)
       end
     end
     if st[5] == 0 then
-      local wait = retry_after({{st, st[7], st[8], st[9], 0}}, st[7], now)
+      local wait = full_after(st, st[7], st[8], st[9])
       if wait then
         full[m + 1], full[m + 2] = now + wait, string.sub(field, 3)
         m = m + 2
