@@ -60,6 +60,7 @@ __all__ = [
     "apply_reserve",
     "apply_settle",
     "current_period",
+    "full_after",
     "refresh",
     "retry_after",
 ]
@@ -269,6 +270,27 @@ def retry_after(sources: Sequence[Source], amount: float, now: float) -> float |
             return at + (amount - covered) / slope
         at = until
     return None
+
+
+def full_after(state: BucketState, spec: BucketSpec, now: float) -> float | None:
+    """Seconds until the (refreshed) bucket is full again by itself, or ``None`` if never.
+
+    What :func:`refresh` does, solved for the level reaching the capacity: refill gets
+    there at ``(capacity - level) / refill_per_second``, a new period at the current one's
+    end, whichever comes first; a bucket with neither fills only by a refund. A bucket
+    that is full and that no reservation holds grants what a new bucket grants, so the
+    stores forget it then.
+    """
+    if state.level >= spec.capacity:
+        return 0.0
+    wait = math.inf
+    if spec.refill_per_second > 0:
+        wait = (spec.capacity - state.level) / spec.refill_per_second
+    if spec.period is not None:
+        end = spec.period.bounds(now)[1] - now
+        if 0 < end < wait:
+            wait = end
+    return None if wait == math.inf else wait
 
 
 StateGetter = Callable[[BucketSpec], BucketState]

@@ -4,17 +4,31 @@ Every operation is one round trip: a Lua script (``lua/*.lua``, registered once 
 with EVALSHA) that reads the server's clock, sweeps due leases and applies the same
 rules as :mod:`.base`. Time comes from Redis (``TIME``), so client clocks do not matter:
 clients send each bucket's period as a rule (:class:`~budgetguard.periods.PeriodRule`),
-and the script finds the current period on the server's clock. A store built from a URL
-sends its scripts on one connection per thread (:class:`_Direct`) rather than through
-redis-py's per-command pool checkout; a client passed in is used as it is.
+and the script finds the current period on the server's clock.
 
-Key layout (two keys with one hash tag, so every script works on Redis Cluster)::
+Connections (see :mod:`._redis_io`): sync calls of a store built from a URL go on one
+connection per thread; async calls, from a URL or through a client passed in, go through
+one pipeline per event loop, which sends the commands of concurrent tasks together on one
+connection. A store built from a URL takes its connections from a
+``BlockingConnectionPool``: when ``max_connections`` are in use a call waits up to
+``pool_timeout`` for one, then raises :class:`~budgetguard.errors.StoreUnavailable`.
 
-    {ns}:state    hash: b:<hex> bucket (msgpack: level, updated_at, period_start, spent)
+Key layout (three keys with one hash tag, so every script works on Redis Cluster)::
+
+    {ns}:state    hash: b:<hex> bucket (msgpack: level, updated_at, period_start, spent,
+                                holds: the open leases holding it)
                         k:<hex> the bucket's readable key (debugging)
                         r:<id>  open reservation (lease, msgpack)
                         next    lower bound of the earliest lease expiry
     {ns}:expiries zset: reservation id by lease expiry (server time)
+    {ns}:full     zset: bucket <hex> by when it is full again, for buckets no lease holds
+
+A bucket that is full and that no lease holds grants what a new one grants: each settle
+forgets up to 8 buckets whose time in ``{ns}:full`` has come (a sweep up to 1,000), and
+one is made again, full, when next used. So the hash holds the buckets in use, not one
+per scope value ever seen. (Redis 7.4 expires hash fields itself, ``HEXPIREAT``; the
+zset works on the Redis 7.0 this is tested on, and the scripts that move a bucket's time
+are the ones that write the zset.)
 
 ``<hex>`` is the sha256 of the bucket key, so no scope value (``:``, ``{``, newlines, ...)
 can reach into another field. Buckets are fields of one hash rather than keys of their
@@ -48,6 +62,14 @@ from redis.retry import Retry
 
 from budgetguard.errors import ConfigurationError, StoreUnavailable
 from budgetguard.periods import PeriodRule
+from budgetguard.stores._redis_io import (
+    AsyncPipeline,
+    AsyncScript,
+    Direct,
+    DirectScript,
+    Script,
+)
+from budgetguard.stores._redis_io import text as _text
 from budgetguard.stores._retry import RetryPolicy, redact_url
 from budgetguard.stores.base import (
     BucketSpec,
@@ -69,6 +91,8 @@ _OK = ReserveResult(True)
 # Errors that mean "Redis cannot serve us now"; the first group is worth a quick retry.
 _TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "BUSY")
 _FATAL_REPLIES = ("OOM", "MISCONF", "NOPERM", "NOAUTH", "WRONGPASS")
+# What redis-py's BlockingConnectionPool raises (a plain ConnectionError) after its timeout.
+_POOL_TIMED_OUT = "No connection available."
 
 
 @functools.cache
@@ -76,173 +100,21 @@ def _lua(name: str) -> str:
     return resources.files("budgetguard.stores").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-class _Script:
-    """One Lua script on one sync client: ``EVALSHA``, loading the script on ``NOSCRIPT``.
-
-    Leaner than redis-py's ``Script`` (no keys/args tuples to build per call) on the same
-    ``execute_command`` path, so the client's connection pool, retries and Redis Cluster
-    routing (by the first key) all apply.
-    """
-
-    __slots__ = ("_client", "numkeys", "sha", "source")
-
-    def __init__(self, client: Any, source: str, numkeys: int) -> None:
-        self._client = client
-        self.source = source
-        self.numkeys = numkeys
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
-
-    def __call__(self, *keys_and_args: Any) -> Any:
-        """Run the script with its keys then its arguments."""
-        try:
-            return self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
-        except rexc.NoScriptError:  # a new or restarted server: its script cache is empty
-            self.sha = self._client.script_load(self.source)
-            return self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
-
-
-class _AsyncScript(_Script):
-    """:class:`_Script` on a ``redis.asyncio`` client."""
-
-    __slots__ = ()
-
-    async def __call__(self, *keys_and_args: Any) -> Any:  # type: ignore[override]
-        """Run the script with its keys then its arguments."""
-        try:
-            return await self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
-        except rexc.NoScriptError:
-            self.sha = await self._client.script_load(self.source)
-            return await self._client.execute_command("EVALSHA", self.sha, self.numkeys, *keys_and_args)
-
-
-class _Direct:
-    """The commands of a store-owned sync client, sent on one connection per thread.
-
-    redis-py's ``execute_command`` checks a connection out of the pool and back in for
-    every command (with a readiness probe, a retry wrapper and metrics around it): about
-    as much client time as the round trip itself on a slow network stack. A store built
-    from a URL is the only user of its client, and budgetguard retries itself (its client
-    has redis-py's retries off), so it keeps one connection per thread instead, made from
-    the pool's own connection class and arguments (host, TLS, timeouts, protocol). A
-    connection is dropped (and made again on next use) after any error other than an
-    error reply, so a reply left unread by a timeout never reaches a later command, and
-    after a fork (the child makes its own). ``close()`` closes them all.
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        pool = client.connection_pool
-        self._make = functools.partial(pool.connection_class, **pool.connection_kwargs)
-        self._local = threading.local()
-        self._every: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._lock = threading.Lock()
-
-    def _connection(self) -> Any:
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
-            conn = self._make()
-            local.conn, local.pid = conn, os.getpid()
-            with self._lock:
-                self._every.add(conn)
-        return conn
-
-    def _round_trip(self, send: Callable[[Any], None]) -> Any:
-        """``send`` a command on this thread's connection and read its reply.
-
-        Error replies raise, as redis-py's; any other failure drops the connection.
-        """
-        conn = self._connection()
-        try:
-            send(conn)
-            return conn.read_response()
-        except rexc.ResponseError:  # a whole reply was read: the connection stays usable
-            raise
-        except BaseException:
-            conn.disconnect()
-            self._local.conn = None
-            raise
-
-    def execute_command(self, *args: Any) -> Any:
-        """Send one command and read its reply."""
-        return self._round_trip(lambda conn: conn.send_command(*args))
-
-    def evalsha(self, head: bytes, nargs: int, args: tuple[bytes, ...]) -> Any:
-        """``EVALSHA``: ``head`` is the packed name, sha, key count and keys; ``args`` bytes."""
-        parts = [b"*%d\r\n" % (nargs,), head]
-        for arg in args:
-            parts += (b"$%d\r\n" % (len(arg),), arg, b"\r\n")
-        packed = [b"".join(parts)]
-        return self._round_trip(lambda conn: conn.send_packed_command(packed))  # one sendall
-
-    def pack_head(self, sha: str, numkeys: int, keys: tuple[str, ...]) -> bytes:
-        """The packed start of ``EVALSHA sha numkeys keys...`` (keys encoded as the client would)."""
-        encode = self._connection().encoder.encode
-        items = [b"EVALSHA", sha.encode(), b"%d" % (numkeys,), *(encode(k) for k in keys)]
-        return b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in items)
-
-    def script_load(self, source: str) -> str:
-        """``SCRIPT LOAD``; the script's sha1."""
-        return _text(self.execute_command("SCRIPT", "LOAD", source))
-
-    def close(self) -> None:
-        """Close every thread's connection."""
-        with self._lock:
-            conns = list(self._every)
-            self._every = weakref.WeakSet()
-        for conn in conns:
-            conn.disconnect()
-
-
-class _DirectScript(_Script):
-    """:class:`_Script` on a :class:`_Direct`: the command's head (name, sha, keys) is packed
-    once per key tuple, and arguments that are bytes (the reserve and settle payloads) are
-    framed without redis-py's command packer."""
-
-    __slots__ = ("_heads",)
-
-    def __init__(self, client: Any, source: str, numkeys: int) -> None:
-        super().__init__(client, source, numkeys)
-        self._heads: dict[tuple[str, ...], bytes] = {}
-
-    def __call__(self, *keys_and_args: Any) -> Any:
-        """Run the script with its keys then its arguments."""
-        n = self.numkeys
-        keys, args = keys_and_args[:n], keys_and_args[n:]
-        if not all(type(a) is bytes for a in args):  # snapshot's numbers: redis-py packs them
-            return super().__call__(*keys_and_args)
-        try:
-            return self._client.evalsha(self._head(keys), 3 + len(keys_and_args), args)
-        except rexc.NoScriptError:  # a new or restarted server: its script cache is empty
-            self.sha = self._client.script_load(self.source)
-            self._heads.clear()
-            return self._client.evalsha(self._head(keys), 3 + len(keys_and_args), args)
-
-    def _head(self, keys: tuple[str, ...]) -> bytes:
-        head = self._heads.get(keys)
-        if head is None:
-            head = self._heads[keys] = self._client.pack_head(self.sha, self.numkeys, keys)
-        return head
-
-
 @dataclass(frozen=True, slots=True)
 class _Scripts:
     """The scripts registered on one client (sync or async)."""
 
-    reserve: _Script
-    settle: _Script
-    snapshot: _Script
-    sweep: _Script
+    reserve: Script
+    settle: Script
+    snapshot: Script
+    sweep: Script
 
 
-def _register(client: Any, kind: type[_Script] = _Script) -> _Scripts:
+def _register(client: Any, kind: type[Script] = Script) -> _Scripts:
     # Each script is lib.lua (the shared arithmetic) followed by its own body.
     # KEYS: the state hash and the expiry zset (snapshot: the state hash only).
-    names = (("reserve.lua", 2), ("settle.lua", 2), ("snapshot.lua", 1), ("sweep.lua", 2))
+    names = (("reserve.lua", 3), ("settle.lua", 3), ("snapshot.lua", 1), ("sweep.lua", 3))
     return _Scripts(*(kind(client, _lua("lib.lua") + "\n" + _lua(name), numkeys) for name, numkeys in names))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _expired(items: Sequence[Any]) -> tuple[ExpiredLease, ...]:
@@ -309,8 +181,20 @@ class RedisStore:
         socket_timeout: Seconds to wait for a reply (URL only): a hung server then raises
             :class:`~budgetguard.errors.StoreUnavailable` instead of hanging the call.
         socket_connect_timeout: Seconds to wait for a connection (URL only).
+        max_connections: Connections each of the store's pools (one sync, one per event
+            loop) may open (URL only). Async calls of one loop use one at a time, however
+            many run at once; sync calls use one per thread, outside the pool.
+        pool_timeout: Seconds a call waits for a free connection when ``max_connections``
+            are in use, before :class:`~budgetguard.errors.StoreUnavailable` (URL only).
         retry: How transient errors (connection lost, server loading) are retried.
-        client_options: More keyword arguments for ``redis.Redis.from_url``.
+        client_options: More keyword arguments for the connection pool's ``from_url``
+            (``redis.BlockingConnectionPool`` and its ``redis.asyncio`` twin).
+
+    A client passed in keeps its own pool. Async calls take one of its connections at a
+    time; sync calls take one per concurrent call, so a pool smaller than the threads that
+    share it runs out. A ``BlockingConnectionPool`` then makes them wait; redis-py's default
+    ``ConnectionPool`` refuses, which this store reports as
+    :class:`~budgetguard.errors.StoreUnavailable` saying so.
 
     Raises:
         ConfigurationError: A bad namespace or argument type.
@@ -327,6 +211,8 @@ class RedisStore:
         namespace: str = "budgetguard",
         socket_timeout: float = 5.0,
         socket_connect_timeout: float = 2.0,
+        max_connections: int = 50,
+        pool_timeout: float = 5.0,
         retry: RetryPolicy | None = None,
         client_options: dict[str, Any] | None = None,
     ) -> None:
@@ -347,6 +233,8 @@ class RedisStore:
                 # budgetguard retries itself (RetryPolicy); redis-py's default would back
                 # off for seconds before we could report the outage.
                 "retry": Retry(NoBackoff(), 0),
+                "max_connections": max_connections,
+                "timeout": pool_timeout,
                 **(client_options or {}),
             }
             self.where = redact_url(url_or_client)
@@ -368,16 +256,17 @@ class RedisStore:
         prefix = "{" + namespace + "}:"
         self._state_key = prefix + "state"
         self._expiry_key = prefix + "expiries"
+        self._full_key = prefix + "full"
+        self._keys = (self._state_key, self._expiry_key, self._full_key)  # the scripts' KEYS (snapshot: the first)
         self._hex_cache: dict[str, str] = {}
         self._spec_cache: dict[BucketSpec, bytes] = {}
         self._lock = threading.Lock()
         self._scripts: _Scripts | None = None
-        self._direct: _Direct | None = None
-        self._ascripts: _Scripts | None = None
-        # Per event loop (URL mode): an asyncio client cannot cross loops.
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, _Scripts]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._direct: Direct | None = None
+        # Per event loop: an asyncio client (URL mode) and a pipeline cannot cross loops.
+        self._loops: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, _Scripts, AsyncPipeline]
+        ] = weakref.WeakKeyDictionary()
         # Nonces let a retried reserve recognise its own lease if the reply was lost.
         self._nonce_prefix = os.urandom(6).hex()
         self._nonces = itertools.count()
@@ -395,36 +284,38 @@ class RedisStore:
                 raise ConfigurationError(msg)
             with self._lock:
                 if self._client is None:
-                    self._client = redis.Redis.from_url(self._url, **self._options)
+                    pool = redis.BlockingConnectionPool.from_url(self._url, **self._options)
+                    self._client = redis.Redis.from_pool(pool)
         return self._client
 
     def _sync_scripts(self) -> _Scripts:
         scripts = self._scripts
         if scripts is None:
             client = self.client
-            if self._url is not None:  # our own client: one connection per thread (see _Direct)
+            if self._url is not None:  # our own client: one connection per thread (see Direct)
                 with self._lock:
                     if self._direct is None:
-                        self._direct = _Direct(client)
-                    scripts = self._scripts = _register(self._direct, _DirectScript)
+                        self._direct = Direct(client)
+                    scripts = self._scripts = _register(self._direct, DirectScript)
             else:
                 scripts = self._scripts = _register(client)
         return scripts
 
     def _async_scripts(self) -> tuple[redis.asyncio.Redis, _Scripts] | None:
-        if self._aclient is not None:
-            if self._ascripts is None:
-                self._ascripts = _register(self._aclient, _AsyncScript)
-            return self._aclient, self._ascripts
-        if self._url is None:
+        if self._aclient is None and self._url is None:
             return None  # sync client only: async methods use a worker thread
         loop = asyncio.get_running_loop()
         pair = self._loops.get(loop)
         if pair is None:
-            client = redis.asyncio.Redis.from_url(self._url, **self._options)
-            pair = (client, _register(client, _AsyncScript))
+            client = self._aclient
+            if client is None:
+                assert self._url is not None
+                pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **self._options)
+                client = redis.asyncio.Redis.from_pool(pool)
+            pipeline = AsyncPipeline(client)
+            pair = (client, _register(pipeline, AsyncScript), pipeline)
             self._loops[loop] = pair
-        return pair
+        return pair[0], pair[1]
 
     # -- errors ---------------------------------------------------------------------
 
@@ -449,6 +340,8 @@ class RedisStore:
             ("NOAUTH", "WRONGPASS", "NOPERM")
         ):
             hint = "check the username and password in the URL and the user's ACL (it needs EVALSHA, SCRIPT LOAD)"
+        elif isinstance(exc, rexc.MaxConnectionsError) or text == _POOL_TIMED_OUT:
+            hint = self._pool_hint(exc)
         elif isinstance(exc, rexc.TimeoutError):
             hint = (
                 "the server did not answer within socket_timeout; check its load (SLOWLOG, a long-running "
@@ -463,6 +356,21 @@ class RedisStore:
         else:
             hint = "check that redis-server is running and reachable from this host (host, port, TLS, firewall)"
         return StoreUnavailable(f"{where} is unavailable: {text}; {hint}")
+
+    def _pool_hint(self, exc: BaseException) -> str:
+        if self._url is not None:
+            return (
+                f"all max_connections={self._options['max_connections']} connections stayed in use for "
+                f"pool_timeout={self._options['timeout']} s; raise them (RedisStore(url, max_connections=..., "
+                "pool_timeout=...))"
+            )
+        if isinstance(exc, rexc.MaxConnectionsError):  # redis-py's default pool refuses at its limit
+            return (
+                "every connection of the client's pool was in use (its max_connections); build the client on a "
+                "BlockingConnectionPool so that calls wait for one (redis.Redis.from_pool(redis.BlockingConnectionPool"
+                ".from_url(url, max_connections=..., timeout=...))), raise max_connections, or give RedisStore the URL"
+            )
+        return "every connection of the client's pool stayed in use past its timeout; raise its max_connections or timeout"
 
     def _run(self, fn: Callable[[], T]) -> T:
         return self.retry.call(
@@ -601,8 +509,8 @@ class RedisStore:
             StoreUnavailable: Redis cannot be reached (after brief retries).
         """
         payload = self._reserve_payload(request)
-        script, state, expiry = self._sync_scripts().reserve, self._state_key, self._expiry_key
-        return self._reserve_result(request, self._run(lambda: script(state, expiry, payload)))
+        script, keys = self._sync_scripts().reserve, self._keys
+        return self._reserve_result(request, self._run(lambda: script(*keys, payload)))
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Settle once in one round trip; ``False`` if unknown, settled or swept.
@@ -612,9 +520,9 @@ class RedisStore:
                 (nothing is changed).
         """
         payload = self._settle_payload(reservation_id, actuals)
-        script, state, expiry = self._sync_scripts().settle, self._state_key, self._expiry_key
+        script, keys = self._sync_scripts().settle, self._keys
         try:
-            return self._settled(self._run(lambda: script(state, expiry, payload)))
+            return self._settled(self._run(lambda: script(*keys, payload)))
         except rexc.ResponseError as exc:
             raise _settle_error(exc) from exc
 
@@ -627,7 +535,7 @@ class RedisStore:
     def sweep(self) -> tuple[ExpiredLease, ...]:
         """Settle due leases at their reserved amounts (at most 500 per call)."""
         script = self._sync_scripts().sweep
-        return _expired(self._run(lambda: script(self._state_key, self._expiry_key)))
+        return _expired(self._run(lambda: script(*self._keys)))
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled or swept."""
@@ -648,8 +556,8 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.reserve, request)
         payload = self._reserve_payload(request)
-        script, state, expiry = pair[1].reserve, self._state_key, self._expiry_key
-        return self._reserve_result(request, await self._arun(lambda: script(state, expiry, payload)))
+        script, keys = pair[1].reserve, self._keys
+        return self._reserve_result(request, await self._arun(lambda: script(*keys, payload)))
 
     async def asettle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Async :meth:`settle` on the asyncio client."""
@@ -657,9 +565,9 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.settle, reservation_id, actuals)
         payload = self._settle_payload(reservation_id, actuals)
-        script, state, expiry = pair[1].settle, self._state_key, self._expiry_key
+        script, keys = pair[1].settle, self._keys
         try:
-            return self._settled(await self._arun(lambda: script(state, expiry, payload)))
+            return self._settled(await self._arun(lambda: script(*keys, payload)))
         except rexc.ResponseError as exc:
             raise _settle_error(exc) from exc
 
@@ -678,19 +586,20 @@ class RedisStore:
         if pair is None:
             return await asyncio.to_thread(self.sweep)
         script = pair[1].sweep
-        return _expired(await self._arun(lambda: script(self._state_key, self._expiry_key)))
+        return _expired(await self._arun(lambda: script(*self._keys)))
 
     async def aclose(self) -> None:
         """Close the clients this store created (the current loop's asyncio client too)."""
         self.close()
-        if self._url is None:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - called outside a loop
             return
         pair = self._loops.pop(loop, None)
-        if pair is not None:
+        if pair is None:
+            return
+        await pair[2].aclose()  # the pipeline's connection back to the pool
+        if pair[0] is not self._aclient:  # ours, built from the URL
             await pair[0].aclose()
 
     def __repr__(self) -> str:

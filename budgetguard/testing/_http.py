@@ -61,6 +61,9 @@ class LocalHTTPServer(ThreadingHTTPServer):
     """A threading server that tracks its connections so ``stop()`` can end all of them."""
 
     daemon_threads = True
+    # A thousand clients connecting at once must all be accepted: the default backlog of 5
+    # drops the rest's SYNs, which the clients resend only a second later.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], app: Callable[[Handler, str], None]) -> None:
         self.app = app
@@ -109,6 +112,9 @@ class Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive handler; silent; delegates every request to ``server.app``."""
 
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle's algorithm the body waits for
+    # the client's delayed ACK of the headers (40 ms on Linux), as real servers never do.
+    disable_nagle_algorithm = True
     server_version = "budgetguard-stub-openai/1"
     timeout = 60  # seconds an idle keep-alive connection is kept open
     server: LocalHTTPServer

@@ -46,12 +46,12 @@ def req(rid: str, *charges: Charge, lease: float = 600.0) -> ReserveRequest:
     return ReserveRequest(rid, charges, lease)
 
 
-def test_two_keys_with_one_hash_tag_and_hashed_fields(store: RedisStore, raw: redis.Redis) -> None:
+def test_three_keys_with_one_hash_tag_and_hashed_fields(store: RedisStore, raw: redis.Redis) -> None:
     ns = store.namespace
-    hostile = BucketSpec("user:1\r\n{x}:state", 10.0)
+    hostile = BucketSpec("user:1\r\n{x}:state", 10.0, refill_per_second=0.001)
     assert store.reserve(req("r1", Charge(hostile, 1.0), Charge(BucketSpec("b", 5.0), 2.0))).ok
     keys = sorted(k.decode() for k in raw.scan_iter(match=f"{{{ns}}}*"))
-    assert keys == [f"{{{ns}}}:expiries", f"{{{ns}}}:state"]
+    assert keys == [f"{{{ns}}}:expiries", f"{{{ns}}}:state"]  # {ns}:full: written by a settle
     hex_key = hashlib.sha256(hostile.key.encode()).hexdigest()
     assert store.bucket_field(hostile.key) == "b:" + hex_key
     fields = {f.decode() for f in raw.hkeys(f"{{{ns}}}:state")}
@@ -61,6 +61,9 @@ def test_two_keys_with_one_hash_tag_and_hashed_fields(store: RedisStore, raw: re
     assert store.settle("r1", [1.0, 2.0])
     assert store.open_reservations() == 0
     assert "r:r1" not in {f.decode() for f in raw.hkeys(f"{{{ns}}}:state")}
+    keys = sorted(k.decode() for k in raw.scan_iter(match=f"{{{ns}}}*"))
+    assert keys == [f"{{{ns}}}:full", f"{{{ns}}}:state"]  # no lease left; the refilling bucket's time
+    assert raw.zrange(f"{{{ns}}}:full", 0, -1) == [hex_key.encode()]  # "b" never refills: not there
 
 
 def test_duplicate_id_is_refused_even_when_denied_and_a_replay_is_recognised(store: RedisStore) -> None:
@@ -72,8 +75,8 @@ def test_duplicate_id_is_refused_even_when_denied_and_a_replay_is_recognised(sto
     # even though the bucket can no longer cover it.
     payload = store._reserve_payload(req("replayed", Charge(BucketSpec("replay", 5.0), 5.0)))
     script = store._sync_scripts().reserve
-    assert script(store._state_key, store._expiry_key, payload) == 1
-    assert script(store._state_key, store._expiry_key, payload) == 3
+    assert script(*store._keys, payload) == 1
+    assert script(*store._keys, payload) == 3
     assert store.snapshot(BucketSpec("replay", 5.0)).level == 0.0  # charged once
 
 
@@ -272,3 +275,38 @@ def test_a_lease_written_before_period_rules_is_still_settled(store: RedisStore,
     state = store.snapshot(spec)
     assert (state.level, state.spent) == (90.0, 40.0)
     assert store.open_reservations() == 0
+
+
+def test_a_full_unheld_bucket_is_deleted_with_its_readable_key(redis_server: Any, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redis_fake_time import close, fake_server_time
+
+    clock = fake_server_time(monkeypatch, redis_server.url)
+    store = RedisStore(redis_server.url, namespace=f"forget-{uuid.uuid4().hex[:12]}")
+    spec = BucketSpec("user\x1fuser_id=a", 100.0, refill_per_second=1.0)
+    other = BucketSpec("other", 1e9)
+    hex_key = hashlib.sha256(spec.key.encode()).hexdigest()
+
+    def fields() -> set[str]:
+        return {f.decode() for f in raw.hkeys(store._state_key) if f.startswith((b"b:", b"k:"))}
+
+    try:
+        assert store.reserve(req("a1", Charge(spec, 30.0))).ok
+        assert store.reserve(req("a2", Charge(spec, 10.0))).ok
+        assert store.settle("a1", [30.0])  # still held by a2
+        clock.advance(120)  # refilled to full while a2 is open
+        assert store.reserve(req("o1", Charge(other, 1.0))).ok
+        assert store.settle("o1", [1.0])  # a settle forgets due buckets: not a held one
+        assert {"b:" + hex_key, "k:" + hex_key} <= fields()
+        assert store.settle("a2", [20.0])  # unheld; its excess leaves it 10 short of full
+        assert {"b:" + hex_key, "k:" + hex_key} <= fields()
+        clock.advance(9)
+        store.sweep()
+        assert "b:" + hex_key in fields()  # a second short: kept
+        clock.advance(1)
+        store.sweep()
+        assert {"b:" + hex_key, "k:" + hex_key}.isdisjoint(fields())
+        assert store.snapshot(spec).level == 100.0
+        assert raw.zscore(store._full_key, hex_key) is None
+    finally:
+        store.close()
+        close(clock)

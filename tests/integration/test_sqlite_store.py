@@ -10,10 +10,13 @@
   reported once, and the books balance.
 * The lease encoding writes exactly what ``json.dumps`` wrote (schema-1 leases read
   back unchanged) and floats round-trip bit for bit.
+* Async writes run on the event loop's thread when they need not wait, and in a worker
+  thread when another thread is writing or ``synchronous`` is FULL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import random
@@ -103,9 +106,9 @@ def test_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     write_v1_file(path)
     clock = FakeClock(start=T0)
     with SQLiteStore(path, clock=clock) as store:
-        assert tables(path) == {"store"}  # the old tables and their index are gone
+        assert tables(path) == {"store", "store_full_at"}  # the old tables and their index are gone
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert next_expiry(path) == T0 + 10
         team = store.snapshot(TEAM)
         assert (team.level, team.spent) == (0.0, 12.5)
@@ -119,6 +122,48 @@ def test_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
         team, pool = store.snapshot(TEAM), store.snapshot(POOL)
         assert (team.spent, pool.spent) == (12.5 + 60.0 + 4.0, 30.0 + 1.0)
         assert store.open_reservations() == 0
+
+
+# Schema 3, as budgetguard wrote it before buckets were forgotten (no holds, no full_at).
+V3_SCHEMA = (
+    (
+        "CREATE TABLE store (kind INTEGER NOT NULL, key TEXT NOT NULL,"
+        " level REAL, updated_at REAL, period_start REAL, spent REAL,"
+        " expires_at REAL, held TEXT, meta TEXT, bucket TEXT,"
+        " PRIMARY KEY (kind, key)) WITHOUT ROWID"
+    ),
+    "PRAGMA user_version = 3",
+)
+
+
+def test_schema_3_file_gains_the_forgetting_columns_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    held = json.dumps([[[TEAM.key, 100.0, 0.5, None], None, 10.0, 0.0, None, None]], separators=(",", ":"))
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in V3_SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO store (kind, key, expires_at, updated_at) VALUES (0, 'next_expiry', ?, ?)", (T0 + 600, T0))
+    conn.execute("INSERT INTO store (kind, key, level, updated_at, period_start, spent) VALUES (1, ?, 90.0, ?, NULL, 5.0)", (TEAM.key, T0))
+    conn.execute("INSERT INTO store (kind, key, expires_at, held, meta, bucket) VALUES (2, 'open', ?, ?, '', ?)", (T0 + 600, held, TEAM.key))
+    conn.close()
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock, host_clock=clock) as store:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(store)")}
+        assert {"holds", "full_at"} <= columns
+        assert tables(path) == {"store", "store_full_at"}
+        assert (store.snapshot(TEAM).level, store.snapshot(TEAM).spent) == (90.0, 5.0)
+        assert store.settle("open", [10.0])  # a lease written before holds were counted
+        assert store.snapshot(TEAM).level == 90.0
+        clock.advance(20)  # 10 tokens at 0.5/s: full again
+        assert store.reserve(ReserveRequest("other", (Charge(POOL, 1.0),), 60.0)).ok
+        assert store.settle("other", [1.0])  # forgets TEAM, full and unheld
+        with sqlite3.connect(path) as conn:
+            keys = {key for (key,) in conn.execute("SELECT key FROM store WHERE kind = 1")}
+        assert keys == {POOL.key}  # POOL never refills: kept
+        assert store.snapshot(TEAM).level == 100.0
 
 
 def test_concurrent_openers_migrate_once(tmp_path: Path) -> None:
@@ -367,3 +412,68 @@ def test_memo_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert all(store.settle(f"r{i}", [0.5]) for i in range(10))  # remembered or not
         assert store.snapshot(POOL).spent == 5.0
         assert store._memo == {}
+
+
+# -- async writes: at once on the loop, or in a worker thread when they would wait ------
+
+
+def count_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the functions the store hands to asyncio.to_thread."""
+    calls: list[str] = []
+    real = asyncio.to_thread
+
+    async def to_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    return calls
+
+
+def test_async_writes_with_no_other_writer_run_on_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_threads(monkeypatch)
+    store = SQLiteStore(tmp_path / "loop.db")
+
+    async def main() -> None:
+        for i in range(20):
+            assert (await store.areserve(ReserveRequest(f"r{i}", (Charge(TEAM, 1.0, POOL),), 60.0))).ok
+            assert await store.asettle(f"r{i}", [1.0])
+        with pytest.raises(ValueError, match="already open"):  # the body's own errors still propagate
+            await store.areserve(ReserveRequest("dup", (Charge(POOL, 1.0),), 60.0))
+            await store.areserve(ReserveRequest("dup", (Charge(POOL, 1.0),), 60.0))
+
+    asyncio.run(main())
+    assert calls == []
+    assert store.snapshot(TEAM).spent == 20.0
+    assert store.open_reservations() == 1
+    store.close()
+
+
+def test_async_writes_wait_in_a_thread_while_another_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_threads(monkeypatch)
+    store = SQLiteStore(tmp_path / "busy.db")
+    store._write_lock.acquire()  # as a worker thread in the middle of a write
+    threading.Timer(0.2, store._write_lock.release).start()
+
+    async def main() -> None:
+        assert (await store.areserve(ReserveRequest("r", (Charge(POOL, 1.0),), 60.0))).ok
+
+    asyncio.run(main())
+    assert calls == ["reserve"]
+    assert store.snapshot(POOL).level == 999.0
+    store.close()
+
+
+def test_async_writes_with_synchronous_full_use_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_threads(monkeypatch)
+    store = SQLiteStore(tmp_path / "full.db", synchronous="FULL")
+
+    async def main() -> None:
+        assert (await store.areserve(ReserveRequest("r", (Charge(POOL, 1.0),), 60.0))).ok
+        assert await store.asettle("r", [1.0])
+
+    asyncio.run(main())
+    assert calls == ["reserve", "settle"]  # every commit waits for the disk
+    store.close()

@@ -225,3 +225,28 @@ def test_settle_none_charges_the_reserved_amount() -> None:
     assert not isinstance(held, Denial)
     assert apply_settle(get, held, None) == (80,)
     assert (states["a"].level, states["a"].spent) == (20, 80)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_full_after_is_when_refresh_reaches_the_capacity(seed: int) -> None:
+    import random
+
+    from budgetguard.periods import PeriodRule
+    from budgetguard.stores.base import full_after
+
+    rng = random.Random(seed)
+    for _ in range(200):
+        capacity = rng.choice([0.0, 1.0, 100.0, 1e6])
+        rate = rng.choice([0.0, 0.0, 0.5, 3.0, 1e4])
+        period = rng.choice([None, PeriodRule("minute"), PeriodRule("hour", (1800.0,)), PeriodRule("day", (-18000.0,))])
+        spec = BucketSpec("k", capacity, rate, period)
+        now = NOW + rng.random() * 86_400
+        state = refresh(BucketState(rng.uniform(-capacity - 10, capacity + 5), now - rng.random() * 100, None), spec, now)
+        wait = full_after(state, spec, now)
+        if wait is None:  # never by itself: not even a day later
+            assert rate == 0 and period is None
+            assert refresh(state.copy(), spec, now + 86_400).level < capacity
+            continue
+        assert refresh(state.copy(), spec, now + wait + 1e-6).level >= capacity
+        if wait > 1e-3:
+            assert refresh(state.copy(), spec, now + wait * 0.999).level < capacity

@@ -1,12 +1,13 @@
 -- budgetguard: bucket arithmetic shared by every script (the store prepends this file).
--- It mirrors budgetguard/stores/base.py (refresh, retry_after, apply_reserve, apply_settle)
--- and budgetguard/periods.py (PeriodRule.bounds) line for line; the contract suite checks
--- that both agree. Every time is the server's (TIME): clients send period rules, not bounds.
+-- It mirrors budgetguard/stores/base.py (refresh, retry_after, full_after, apply_reserve,
+-- apply_settle) and budgetguard/periods.py (PeriodRule.bounds) line for line; the contract
+-- suite checks that both agree. Every time is the server's (TIME): clients send period rules, not bounds.
 --
 -- KEYS[1], the state hash, holds every bucket and every open lease of a namespace, so a
 -- script reads all it needs with one HMGET and writes it back with one HSET:
 --   b:<hex>  a bucket (hex = sha256 of its key): cmsgpack of level, updated_at,
---            period_start (false: none), spent
+--            period_start (false: none), spent, holds (open leases holding it; absent in
+--            buckets written before it was kept: 0)
 --   k:<hex>  the bucket's readable key (written once, for debugging)
 --   r:<id>   an open lease: cmsgpack of the flat values nonce, meta, the lease format (2),
 --            then per charge bucket field, capacity, refill, period rule, took, lent,
@@ -17,18 +18,23 @@
 --   next     a lower bound of the earliest lease expiry (absent: unknown). Reserve only
 --            probes the expiry zset once the server clock reaches it.
 -- KEYS[2], the expiry zset: reservation id by lease expiry (server time).
+-- KEYS[3], the full zset: bucket hex by the server time at which the bucket, as last
+--   written, is full again (written only for buckets no lease holds). A bucket that is
+--   full and unheld grants what a new one grants, so forget() deletes it once its time
+--   has come (any write since would have moved or dropped its time; a hold is checked).
 -- Numbers handed to redis.call are written by Redis with '%.17g' (exact); numbers in
 -- replies go out through fmt() for the same reason (Lua's tostring keeps 14 digits).
 --
 -- Written for speed (every script runs this chunk, and Redis runs one script at a time):
--- a bucket is a table {level, updated_at, period (false: none), spent}; a lease stays the
+-- a bucket is a table {level, updated_at, period (false: none), spent, holds, new (true:
+-- not stored yet), capacity, refill, rule (its spec, as last touched)}; a lease stays the
 -- flat array cmsgpack.unpack gives (charge i at offset 3 + 12 * (i - 1)); specs travel as
 -- capacity, refill and period rule (a table {unit, offset, change time, offset, ...} or
 -- false), and periods are always a number or false, so Python's None == None is Lua's
 -- false == false.
 
 local now = 0
-local state_key, expiry_key = KEYS[1], KEYS[2]
+local state_key, expiry_key, full_key = KEYS[1], KEYS[2], KEYS[3]
 local tonumber, unpack, pack, mmin, floor = tonumber, unpack, cmsgpack.pack, math.min, math.floor
 local huge = math.huge
 
@@ -48,8 +54,8 @@ local dirty, dirty_order = {}, {}
 
 local function decode_state(raw)
   if not raw then return false end
-  local l, u, p, s = cmsgpack.unpack(raw)
-  return {l, u, p, s}
+  local l, u, p, s, h = cmsgpack.unpack(raw)
+  return {l, u, p, s, h or 0}
 end
 
 -- periods.PeriodRule.bounds: rule = {unit, offset, change time, offset, ...}.
@@ -119,12 +125,12 @@ local function period_bounds(rule, t)
   return to_utc(rule, first), to_utc(rule, local_next(rule[1], first))
 end
 
--- base.refresh; a new bucket is marked [5] = true (flush() then writes its readable key).
+-- base.refresh; a new bucket is marked [6] = true (flush() then writes its readable key).
 local function refresh(st, cap, rate, rule, t)
   local period = false
   if rule then period = period_bounds(rule, t) end
   if not st then
-    return {cap, t, period, 0, true}
+    return {cap, t, period, 0, 0, true}
   end
   if period and (not st[3] or period > st[3]) then
     st[1], st[3], st[2] = cap, period, t
@@ -188,6 +194,20 @@ local function retry_after(sources, amount, t)
   return nil
 end
 
+-- base.full_after: seconds until the refreshed bucket st is full again by itself, or nil.
+local function full_after(st, cap, rate, rule)
+  if st[1] >= cap then return 0 end
+  local wait = huge
+  if rate > 0 then wait = (cap - st[1]) / rate end
+  if rule then
+    local _, period_end = period_bounds(rule, now)
+    local e = period_end - now
+    if e > 0 and e < wait then wait = e end
+  end
+  if wait == huge then return nil end
+  return wait
+end
+
 -- The bucket in `field` brought up to now (loaded once per script, with an HGET if no
 -- HMGET fetched it). Refreshing again at the same now changes nothing (MemoryStore's
 -- getter relies on that too), so every charge on one bucket sees the same table.
@@ -197,6 +217,7 @@ local function touch(field, cap, rate, rule)
     st = decode_state(redis.call('HGET', state_key, field))
   end
   st = refresh(st, cap, rate, rule, now)
+  st[7], st[8], st[9] = cap, rate, rule
   loaded[field] = st
   return st
 end
@@ -210,18 +231,27 @@ local function mark(field)
 end
 
 -- One HSET (the script's only one): every marked bucket (a new one with its readable key
--- from `names`, when given), then up to two more field/value pairs.
+-- from `names`, when given), then up to two more field/value pairs. Then one ZADD: when
+-- each marked bucket that no lease holds is full again (never, without refill or period).
 local function flush(names, f1, v1, f2, v2)
   local args, n = {}, 0
+  local full, m = {}, 0
   for _, field in ipairs(dirty_order) do
     local st = loaded[field]
-    args[n + 1], args[n + 2] = field, pack(st[1], st[2], st[3], st[4])
+    args[n + 1], args[n + 2] = field, pack(st[1], st[2], st[3], st[4], st[5])
     n = n + 2
-    if st[5] then
-      st[5] = nil
+    if st[6] then
+      st[6] = nil
       if names and names[field] then
         args[n + 1], args[n + 2] = 'k:' .. string.sub(field, 3), names[field]
         n = n + 2
+      end
+    end
+    if st[5] == 0 then
+      local wait = full_after(st, st[7], st[8], st[9])
+      if wait then
+        full[m + 1], full[m + 2] = now + wait, string.sub(field, 3)
+        m = m + 2
       end
     end
   end
@@ -234,7 +264,35 @@ local function flush(names, f1, v1, f2, v2)
     n = n + 2
   end
   if n > 0 then redis.call('HSET', state_key, unpack(args, 1, n)) end
+  if m > 0 then redis.call('ZADD', full_key, unpack(full, 1, m)) end
 end
+
+-- Forget up to `limit` buckets whose full time has come and that no lease holds: delete
+-- the bucket and its readable key (a bucket is made again, full, when next used). Runs
+-- after flush(), so this script's own writes are in the hash and the zset.
+local function forget(limit)
+  local due = redis.call('ZRANGEBYSCORE', full_key, '-inf', now, 'LIMIT', 0, limit)
+  if #due == 0 then return end
+  local fields = {}
+  for i, hex in ipairs(due) do fields[i] = 'b:' .. hex end
+  local raws = redis.call('HMGET', state_key, unpack(fields))
+  local gone, g = {}, 0
+  for i, hex in ipairs(due) do
+    local st = decode_state(raws[i])
+    if st and st[5] <= 0 then  -- held: the settle that releases it schedules it again
+      gone[g + 1], gone[g + 2] = fields[i], 'k:' .. hex
+      g = g + 2
+      loaded[fields[i]] = false
+    end
+  end
+  redis.call('ZREM', full_key, unpack(due))
+  if g > 0 then redis.call('HDEL', state_key, unpack(gone, 1, g)) end
+end
+
+-- Buckets each settle forgets at most (a call makes a bucket per new scope it uses, so
+-- this keeps up; a sweep forgets more).
+local FORGET_PER_SETTLE = 8
+local FORGET_PER_SWEEP = 1000
 
 local CHARGE_FIELDS = 12
 local LEASE_HEAD = 3  -- nonce, meta, format
@@ -289,7 +347,13 @@ local function settle_lease(v, actuals, first)
     local delta = final - total
     local st = touch(v[o + 1], cap, v[o + 3], v[o + 4])
     mark(v[o + 1])
+    st[5] = math.max(st[5] - 1, 0)  -- this lease no longer holds it
     local lent_final = lent
+    if lf then  -- it lent: this lease held the lender too
+      local lst = touch(lf, v[o + 9], v[o + 10], v[o + 11])
+      mark(lf)
+      lst[5] = math.max(lst[5] - 1, 0)
+    end
     if delta < 0 then
       local refund = -delta
       local back = mmin(refund, lent)

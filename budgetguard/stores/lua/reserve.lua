@@ -1,5 +1,5 @@
 -- budgetguard reserve: sweep due leases, then take every charge or none.
--- KEYS: state hash, expiry zset.
+-- KEYS: state hash, expiry zset, full zset.
 -- ARGV[1]: the request as a sequence of MessagePack values (false stands for none):
 --   id, nonce, lease_seconds, meta, n,
 --   n specs: bucket hex, readable key, capacity, refill, period rule,
@@ -112,10 +112,12 @@ for o = LEASE_HEAD, n - 1, CHARGE_FIELDS do
   local bf, lf = lease[o + 1], lease[o + 8]
   local st = loaded[bf]
   st[1] = st[1] - lease[o + 5]
+  st[5] = st[5] + 1  -- held by this lease until it is settled or swept
   mark(bf)
   if lf then
     local lst = loaded[lf]
     lst[1] = lst[1] - lease[o + 6]
+    lst[5] = lst[5] + 1
     mark(lf)
   end
 end

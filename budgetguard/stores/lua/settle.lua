@@ -1,8 +1,10 @@
 -- budgetguard settle: once per lease; a lease that is gone (settled, swept) returns 0.
--- KEYS: state hash, expiry zset.
+-- KEYS: state hash, expiry zset, full zset.
 -- ARGV[1]: MessagePack values: the id, then the actual amounts, or false to charge the
 --   reserved amounts.
--- Calls: TIME, HGET (lease), HMGET or HGET (its buckets), HSET (buckets), HDEL (lease), ZREM.
+-- Calls: TIME, HGET (lease), HMGET or HGET (its buckets), HSET (buckets), ZADD (when they
+-- are full again), HDEL (lease), ZREM, ZRANGEBYSCORE (buckets to forget; when some are:
+-- HMGET, ZREM, HDEL).
 now = server_now()
 local a = {cmsgpack.unpack(ARGV[1])}
 local id = a[1]
@@ -27,4 +29,5 @@ settle_lease(lease, actuals, 2)
 flush(nil)
 redis.call('HDEL', state_key, lease_field)
 redis.call('ZREM', expiry_key, id)
+forget(FORGET_PER_SETTLE)
 return 1
