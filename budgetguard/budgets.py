@@ -13,20 +13,27 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, tzinfo
 from datetime import timezone as dt_timezone
 from typing import Any, Literal
+from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from budgetguard.errors import ConfigurationError, MissingScopeError
+from budgetguard.errors import ConfigurationError, InvalidScopeError, MissingScopeError
 from budgetguard.periods import PeriodRule
 from budgetguard.stores.base import BucketSpec
 
-__all__ = ["PERIODS", "UNITS", "Budget", "BudgetSpecKey", "Period", "Unit"]
+__all__ = ["MODEL_UNITS", "PERIODS", "RUN_SCOPE", "UNITS", "Budget", "BudgetSpecKey", "Period", "Unit"]
 
-Unit = Literal["tokens", "usd"]
+Unit = Literal["tokens", "usd", "calls", "tool_calls"]
 Period = Literal["minute", "hour", "day", "week", "month"]
-UNITS: tuple[str, ...] = ("tokens", "usd")
+UNITS: tuple[str, ...] = ("tokens", "usd", "calls", "tool_calls")
+MODEL_UNITS: tuple[str, ...] = ("tokens", "usd", "calls")
+"""Units charged by model calls (``tool_calls`` budgets are charged by tool calls)."""
+RUN_SCOPE = "run"
+"""The scope name ``per="run"`` budgets use: one bucket per run (an agent invocation, or one
+invocation of a guarded runnable)."""
 PERIODS: tuple[str, ...] = ("minute", "hour", "day", "week", "month")
 
-ScopeFn = Callable[[Mapping[str, Any]], "str | None"]
+ScopeFn = Callable[[Mapping[str, Any]], Any]
+"""Computes a scope value (a string, an integer or a UUID) from a run config."""
 BudgetSpecKey = str
 """The store key of one bucket: budget name plus its scope (see :meth:`Budget.bucket_key`)."""
 
@@ -67,11 +74,18 @@ class Budget:
     Args:
         name: Unique name; it appears in errors, the ledger and store keys.
         limit: Capacity of each bucket, in ``unit``. Buckets start full.
-        unit: ``"tokens"`` (input + output tokens) or ``"usd"`` (priced per model).
+        unit: ``"tokens"`` (input + output tokens), ``"usd"`` (priced per model),
+            ``"calls"`` (one per model call) or ``"tool_calls"`` (one per tool call an
+            agent makes, through :meth:`~budgetguard.guard.BudgetGuard.middleware`). A model
+            call is charged to every budget of the first three units, all or nothing.
         per: ``None`` for one bucket shared by every call (a global budget, or a pool
             when several guards or processes name it); a key such as ``"user_id"`` for
             one bucket per value, read from ``config["configurable"]`` then
-            ``config["metadata"]``; or a callable ``config -> str`` computing the key.
+            ``config["metadata"]``; or ``(name, fn)``, a scope name and a function
+            ``config -> value`` computing the value (a named function alone is named
+            after itself). Scope values are strings, integers or UUIDs, and are kept
+            as text (``42`` and ``"42"`` are the same bucket). ``per="run"`` keeps one
+            bucket per run: one agent invocation, or one invocation of a guarded runnable.
         period: ``"minute"``, ``"hour"``, ``"day"``, ``"week"`` (ISO, Monday) or
             ``"month"``: the bucket resets to full at each calendar boundary.
         refill_per_second: Continuous refill rate, in ``unit`` per second, up to ``limit``.
@@ -79,6 +93,7 @@ class Budget:
             this budget's shortfall in the same atomic reservation. A budget that is
             borrowed from is a *lending pool*: it is charged only for what borrowers take.
         timezone: Timezone of the calendar period (IANA name or ``tzinfo``); UTC by default.
+        tool: For a ``"tool_calls"`` budget, the one tool it counts (``None``: every tool).
 
     Example:
         >>> Budget("per-user", limit=20_000, per="user_id", period="day").scope_name
@@ -89,13 +104,16 @@ class Budget:
     limit: float
     _: KW_ONLY
     unit: str = "tokens"
-    per: str | ScopeFn | None = None
+    per: str | ScopeFn | tuple[str, ScopeFn] | None = None
     period: str | None = None
     refill_per_second: float = 0.0
     borrow_from: str | None = None
     timezone: str | tzinfo | None = None
+    tool: str | None = None
     _tz: tzinfo = field(init=False, repr=False)
     _bounds: list[float] = field(init=False, repr=False)
+    _scope_name: str | None = field(init=False, repr=False)
+    _scope_fn: ScopeFn | None = field(init=False, repr=False)
     _rules: dict[int, PeriodRule] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -111,9 +129,12 @@ class Budget:
         if self.period is not None and self.period not in PERIODS:
             msg = f"budget '{self.name}': unknown period {self.period!r}; use one of {', '.join(PERIODS)}"
             raise ConfigurationError(msg)
-        if self.per is not None and not callable(self.per) and not (isinstance(self.per, str) and self.per):
-            msg = f"budget '{self.name}': per must be a key name, a callable or None, got {self.per!r}"
+        if self.tool is not None and (self.unit != "tool_calls" or not isinstance(self.tool, str) or not self.tool):
+            msg = f"budget '{self.name}': tool= names the tool a unit='tool_calls' budget counts, got {self.tool!r}"
             raise ConfigurationError(msg)
+        name, fn = _scope_rule(self.name, self.per)
+        object.__setattr__(self, "_scope_name", name)
+        object.__setattr__(self, "_scope_fn", fn)
         if self.borrow_from is not None and (not isinstance(self.borrow_from, str) or self.borrow_from == self.name):
             msg = f"budget '{self.name}': borrow_from must name another budget, got {self.borrow_from!r}"
             raise ConfigurationError(msg)
@@ -125,43 +146,70 @@ class Budget:
 
     @property
     def scope_name(self) -> str | None:
-        """The scope key this budget is split by (``"key"`` for a callable ``per``)."""
-        if self.per is None:
-            return None
-        return self.per if isinstance(self.per, str) else getattr(self.per, "__name__", "key")
+        """The scope key this budget is split by (``None`` for a global budget)."""
+        return self._scope_name
 
-    def scope_for(self, config: Mapping[str, Any]) -> dict[str, str]:
+    def scope_for(self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> dict[str, str]:
         """Return this budget's scope for a run config, e.g. ``{"user_id": "alice"}``.
+
+        A named key is looked up in ``context`` first (what the adapter knows of the run: its
+        id as ``"run"``, an agent's runtime context), then ``config["configurable"]``, then
+        ``config["metadata"]``.
 
         Raises:
             MissingScopeError: The budget is per-key and the config names no value for it.
+            InvalidScopeError: The value is not a string, an integer or a UUID.
         """
-        if self.per is None:
+        key = self._scope_name
+        if key is None:
             return {}
-        if callable(self.per):
-            value = self.per(config)
+        if self._scope_fn is not None:
+            try:
+                value = self._scope_fn(config)
+            except LookupError as exc:  # the function indexed a key the config lacks
+                msg = (
+                    f"budget '{self.name}' is per {key!r}, but its scope function could not find its "
+                    f"value in this run's config ({type(exc).__name__}: {exc}); pass what it reads in "
+                    "config={'configurable': {...}}"
+                )
+                raise MissingScopeError(msg) from exc
         else:
-            value = (config.get("configurable") or {}).get(self.per)
+            value = context.get(key) if context else None
             if value is None:
-                value = (config.get("metadata") or {}).get(self.per)
+                value = (config.get("configurable") or {}).get(key)
+            if value is None:
+                value = (config.get("metadata") or {}).get(key)
         if value is None or value == "":
-            key = self.scope_name
             msg = (
                 f"budget '{self.name}' is per {key!r} but this run gives no {key!r}; pass it as "
                 f"config={{'configurable': {{'{key}': ...}}}} (or in metadata)"
             )
             raise MissingScopeError(msg)
-        return {str(self.scope_name): str(value)}
+        return {key: self._scope_text(value)}
 
     def scope_from_kwargs(self, scope: Mapping[str, Any]) -> dict[str, str]:
         """Scope from keyword arguments (``guard.remaining("per-user", user_id="alice")``)."""
-        if self.per is None:
+        key = self._scope_name
+        if key is None:
             return {}
-        key = str(self.scope_name)
         if key not in scope:
             msg = f"budget '{self.name}' is per {key!r}: pass {key}=..."
             raise MissingScopeError(msg)
-        return {key: str(scope[key])}
+        return {key: self._scope_text(scope[key])}
+
+    def _scope_text(self, value: Any) -> str:
+        """The one text form of a scope value (a string, an integer or a UUID)."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, UUID):
+            return str(value)
+        msg = (
+            f"budget '{self.name}' is per {self._scope_name!r}, and its value must be a string, an integer "
+            f"or a UUID; got {type(value).__name__} {value!r}"
+        )
+        raise InvalidScopeError(msg)
 
     def bucket_key(self, scope: Mapping[str, str]) -> BudgetSpecKey:
         """The store key of the bucket for ``scope``. Stores escape or hash it themselves."""
@@ -202,3 +250,25 @@ class Budget:
         start, end = rule.bounds(now)
         bounds[0], bounds[1] = start, end
         return start, end
+
+
+def _scope_rule(name: str, per: Any) -> tuple[str | None, ScopeFn | None]:
+    """The scope name and function of ``per`` (see :class:`Budget`)."""
+    if per is None:
+        return None, None
+    if isinstance(per, str) and per:
+        return per, None
+    if isinstance(per, tuple) and len(per) == 2 and isinstance(per[0], str) and per[0] and callable(per[1]):
+        return per[0], per[1]
+    if callable(per):
+        fn_name = getattr(per, "__name__", "")
+        if fn_name.isidentifier():
+            return fn_name, per
+        msg = (
+            f"budget '{name}': a scope function needs a name for errors, the ledger and remaining(); "
+            f"pass per=('org_id', fn) instead of per={fn_name or per!r}"
+        )
+        raise ConfigurationError(msg)
+    msg = f"budget '{name}': per must be a key name, (name, function) or None, got {per!r}"
+    raise ConfigurationError(msg)
+

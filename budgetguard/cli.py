@@ -1,4 +1,4 @@
-"""The ``budgetguard`` command: ``demo``, ``report`` and ``status``."""
+"""The ``budgetguard`` command: ``demo``, ``report``, ``status`` and ``prices``."""
 
 from __future__ import annotations
 
@@ -30,10 +30,17 @@ def _load_guard(path: str) -> Any:
 
 def _status(args: argparse.Namespace) -> int:
     from budgetguard.errors import BudgetGuardError
+    from budgetguard.stores.memory import MemoryStore
 
     try:
         guard = _load_guard(args.guard)
         scope = dict(s.split("=", 1) for s in args.scope)
+        if isinstance(guard.store, MemoryStore):
+            # This process built its own, empty memory store: it cannot see what the app has spent.
+            print(f"budgetguard status: {args.guard} keeps its budgets in memory (the default store), so this "
+                  "command sees only its own, new store: every bucket below is as full as at start, whatever "
+                  "your application's processes have spent. To read live budgets from here, give the guard "
+                  "a shared store: store='sqlite:///budgets.db' or store='redis://host:6379/0'.", file=sys.stderr)
         print(f"{'budget':<16} {'scope':<22} {'remaining':>14} {'limit':>12}  next reset / refill")
         for budget in guard.budgets.values():
             key = budget.scope_name
@@ -60,6 +67,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``budgetguard`` command."""
+    from budgetguard.cli_prices import add_prices_parser
     from budgetguard.cli_report import add_report_parser
 
     parser = argparse.ArgumentParser(prog="budgetguard", description="Budgets for LangChain model calls.")
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what each budget has left, from the guard's store")
     status.add_argument("guard", help="MODULE:ATTRIBUTE of your BudgetGuard (or a function returning one)")
     status.add_argument("--scope", action="append", default=[], metavar="KEY=VALUE", help="e.g. user_id=alice")
+    add_prices_parser(sub)
     return parser
 
 
@@ -84,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from budgetguard.cli_report import run_report
 
         return run_report(args)
+    if args.command == "prices":
+        from budgetguard.cli_prices import run_prices
+
+        return run_prices(args)
     return _status(args)
 
 

@@ -43,8 +43,8 @@ EPILOG = (
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ledger",
-        metavar="PATH",
-        help=f"ledger file, SQLite or JSONL (default: ${LEDGER_ENV} or {default_ledger_path()})",
+        metavar="PATH|URL",
+        help=f"ledger file (SQLite or JSONL) or postgresql:// URL (default: ${LEDGER_ENV} or {default_ledger_path()})",
     )
     parser.add_argument("--since", metavar="D", help="start of the range, inclusive (e.g. 2026-11-01, 7d, today)")
     parser.add_argument("--until", metavar="D", help="end of the range, exclusive")
@@ -106,9 +106,8 @@ def run_report(args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     if args.top is not None and args.top < 1:
         return _fail(f"--top must be at least 1, got {args.top}", 2)
-    path = Path(args.ledger) if args.ledger else default_ledger_path()
     try:
-        ledger = open_ledger(path)
+        ledger = open_ledger(args.ledger or None)
     except LedgerError as exc:
         return _fail(str(exc), 1)
     try:

@@ -107,7 +107,7 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
         say("  team-pool   1,500 tokens shared by every user (a lending pool)")
         say("  daily-usd   $0.02 per UTC day, priced per model")
         say("Policies, in order: cheaper_model(gpt-4o -> gpt-4o-mini), cap_output(min 32), compress_prompt('trim')")
-        say("(Offline, the gpt-4o tokenizer cannot be downloaded: those prompts are counted with cl100k + 10%.)")
+        say("(gpt-4o's tokenizer, o200k_base, ships with budgetguard: prompts are counted exactly, offline.)")
         say()
 
         say("1. alice asks a question through guard | (prompt | ChatOpenAI | parser)")
@@ -179,12 +179,57 @@ def _tour(out: TextIO, *, ledger_path: str | None = None) -> int:
         say(f"   requests sent: {server.request_count - sent_before}, context-length errors received: 0")
         say()
 
+        _agent_scene(say, llm, ledger)
+
         ledger.close()
-        say("6. The ledger (a SQLite file that outlives this program) and the report of what this demo did")
+        say("7. The ledger (a SQLite file that outlives this program) and the report of what this demo did")
         say(f"   budgetguard report --ledger {ledger_path} --by user")
-        from budgetguard.cli import main as cli
+        from budgetguard.cli_report import main as report
 
         for by in ("user", "model", "outcome"):
             say()
-            cli(["report", "--ledger", ledger_path, "--by", by])
+            report(["--ledger", ledger_path, "--by", by])
     return 0
+
+
+def _agent_scene(say: Any, llm: Any, ledger: Any) -> None:
+    """Scene 6: a LangChain agent with a tool, metered by ``guard.middleware()``."""
+    try:
+        from langchain.agents import create_agent
+        from langchain_core.tools import tool
+        from langgraph.checkpoint.memory import InMemorySaver
+    except ImportError:
+        say("6. (agents: pip install 'budgetguard[agents]' to see a LangChain agent metered by guard.middleware())")
+        say()
+        return
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the weather of a city."""
+        return f"It is sunny in {city}."
+
+    say("6. frank talks to an agent: create_agent(ChatOpenAI, tools=[get_weather], "
+        "middleware=[guard.middleware(on_denied='end')])")
+    agents = BudgetGuard(
+        [
+            Budget("per-user", limit=400, per="user_id", period="day"),
+            Budget("model-calls", limit=4, unit="calls", per="run"),
+        ],
+        ledger=ledger,
+    )
+    agent = create_agent(llm("gpt-4o-mini", max_tokens=100), tools=[get_weather],
+                         middleware=[agents.middleware(on_denied="end")], checkpointer=InMemorySaver())  # fmt: skip
+    config: RunnableConfig = {"configurable": {"thread_id": "frank-1", "user_id": "frank"}}
+    out = agent.invoke({"messages": [HumanMessage("What is the weather in Lisbon?")]}, config)
+    for m in out["messages"]:
+        info = m.response_metadata.get("budgetguard") if isinstance(m, AIMessage) else None
+        if info:
+            did = "asked for the get_weather tool" if m.tool_calls else "answered"  # type: ignore[attr-defined]
+            say(f"   model call: reserved {info['estimated_input_tokens']} + {info['estimated_output_tokens']}, "
+                f"charged {info['input_tokens'] + info['output_tokens']}; the model {did}")
+    say(f"   frank: {_n(agents.remaining('per-user', user_id='frank'))} tokens left of 400 today")
+    out = agent.invoke({"messages": [HumanMessage("And in Porto, Faro and Braga?")]}, config)
+    last = out["messages"][-1]
+    say("   next turn, the thread's history no longer fits: the run ends with a message, nothing raised:")
+    say(f"   \"{last.content}\"")
+    say()

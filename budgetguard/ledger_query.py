@@ -1,13 +1,13 @@
 """Ledger queries: time ranges, grouping dimensions, totals and estimate accuracy.
 
-Every query is one SQL ``GROUP BY`` over the ``calls`` table. A SQLite sink runs it on its
-own file; other readable sinks (JSONL, memory) are first copied, for the queried time
-range only, into a scratch in-memory SQLite ledger. So every sink answers identically.
+Every query is one SQL ``GROUP BY`` over the ``calls`` table, written in the sink's
+:class:`~budgetguard.ledger_sql.Dialect`. SQLite and PostgreSQL sinks run it themselves;
+other readable sinks (JSONL) are first copied, for the queried time range only, into a
+scratch in-memory SQLite ledger. So every sink answers identically.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,7 +17,8 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from budgetguard import ledger_sinks as _sinks
-from budgetguard.ledger import LedgerError
+from budgetguard.ledger_records import LedgerError
+from budgetguard.ledger_sql import Dialect
 
 __all__ = ["DIMENSIONS", "AccuracyRow", "Row", "parse_time", "resolve_dimensions", "select_top", "time_range"]
 
@@ -27,7 +28,8 @@ TIME_FORMATS = (
 )
 ALIASES = {"user": "scope:user_id", "feature": "meta:feature", "date": "day", "model_used": "model"}
 _SIMPLE = {
-    "model": "calls.model_used",
+    # The model that answered; for a call refused before it was sent, the model it asked for.
+    "model": "COALESCE(calls.model_used, calls.model_requested)",
     "model_requested": "calls.model_requested",
     "outcome": "calls.outcome",
     "policy": "calls.policy",
@@ -97,71 +99,61 @@ class Dimension:
     kind: str  # a key of _SIMPLE, or tag | budget | scope_of | meta
     arg: str = ""
 
-    def sql(self, alias: str) -> tuple[list[str], str]:
+    def sql(self, dialect: Dialect, alias: str) -> tuple[list[str], str]:
         """SELECT expression(s) (meta: JSON type and value) and a JOIN clause, if any."""
         if self.kind in ("tag", "budget"):
-            return [f"{alias}.value"], f" LEFT JOIN json_each(calls.{self.kind}s) AS {alias}"
+            return [f"{alias}.value"], dialect.join_elements(self.kind + "s", alias)
         if self.kind == "meta":
-            path = _path(self.arg)
-            return [f"json_type(calls.metadata, {path})", f"json_extract(calls.metadata, {path})"], ""
+            return list(dialect.member("metadata", self.arg)), ""
         if self.kind == "scope_of":
-            return [f"json_extract(calls.scope, {_path(self.arg)})"], ""
+            return [dialect.member_text("scope", self.arg)], ""
         return [_SIMPLE[self.kind]], ""
 
-    def decode(self, columns: Sequence[Any]) -> Any:
+    def decode(self, dialect: Dialect, columns: Sequence[Any]) -> Any:
         """Turn this dimension's SQL column(s) back into the Python group value."""
-        if self.kind != "meta":
-            return columns[0]
-        jtype, value = columns
-        if jtype in ("true", "false"):
-            return jtype == "true"
-        if jtype in ("object", "array"):
-            return _canon_json(json.loads(value))
-        return None if jtype == "null" else value
+        return dialect.decode_member(*columns) if self.kind == "meta" else columns[0]
 
-    def where(self, wanted: Sequence[Any]) -> tuple[str, list[Any]]:
+    def where(self, dialect: Dialect, wanted: Sequence[Any]) -> tuple[str, list[Any]]:
         """A WHERE clause true when this axis has any of the ``wanted`` values."""
         parts: list[str] = []
         params: list[Any] = []
+        mark = dialect.param
         if self.kind in ("tag", "budget"):
-            column = f"calls.{self.kind}s"
+            column = self.kind + "s"
             if None in wanted:
-                parts.append(f"json_array_length({column}) = 0")
+                parts.append(f"{dialect.array_length(column)} = 0")
             named = [str(w) for w in wanted if w is not None]
             if named:
-                marks = ", ".join("?" * len(named))
-                parts.append(f"EXISTS (SELECT 1 FROM json_each({column}) WHERE value IN ({marks}))")
+                marks = ", ".join([mark] * len(named))
+                parts.append(f"EXISTS (SELECT 1 FROM {dialect.elements(column, 'e')} WHERE e.value IN ({marks}))")
                 params.extend(named)
         elif self.kind == "meta":
-            jt, jv = self.sql("")[0]
+            jtype, value = dialect.member("metadata", self.arg)
             for w in wanted:
                 if w is None:
-                    parts.append(f"({jt} IS NULL OR {jt} = 'null')")
-                elif isinstance(w, bool):
-                    parts.append(f"{jt} = '{str(w).lower()}'")
-                elif isinstance(w, (int, float)):
-                    parts.append(f"({jt} IN ('integer', 'real') AND {jv} = ?)")
-                    params.append(w)
-                elif isinstance(w, (dict, list)):
-                    parts.append(f"({jt} IN ('object', 'array') AND json({jv}) = json(?))")
-                    params.append(_canon_json(w))
-                else:
-                    parts.append(f"({jt} = 'text' AND {jv} = ?)")
-                    params.append(str(w))
+                    parts.append(f"({jtype} IS NULL OR {jtype} = 'null')")
+                    continue
+                json_value = w if isinstance(w, (bool, int, float, dict, list)) else str(w)
+                equal, extra = dialect.member_equals(value, json_value)
+                parts.append(f"({jtype} IN ({_json_types(w)}) AND {equal})")
+                params.extend(extra)
         else:
-            (expr,) = self.sql("")[0]
+            (expr,) = self.sql(dialect, "")[0]
             for w in wanted:
-                parts.append(f"{expr} IS NULL" if w is None else f"{expr} = ?")
+                parts.append(f"{expr} IS NULL" if w is None else f"{expr} = {mark}")
                 params.extend([] if w is None else [str(w)])
-        return "(" + " OR ".join(parts or ["0"]) + ")", params
+        return "(" + " OR ".join(parts or ["1 = 0"]) + ")", params
 
 
-def _path(key: str) -> str:
-    return "'$.\"" + key.replace("'", "''") + "\"'"
-
-
-def _canon_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def _json_types(value: Any) -> str:
+    """The JSON type names a member must have to equal ``value``."""
+    if isinstance(value, bool):
+        return "'boolean'"
+    if isinstance(value, (int, float)):
+        return "'number'"
+    if isinstance(value, (dict, list)):
+        return "'object', 'array'"
+    return "'string'"
 
 
 def _typed(value: Any) -> tuple[int, Any]:
@@ -269,6 +261,11 @@ class AccuracyRow(_RowMixin):
 
 # -- aggregation -------------------------------------------------------------------------
 
+def _count(condition: str) -> str:
+    """How many rows meet ``condition`` (PostgreSQL cannot sum booleans)."""
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
+
+
 _BOTH_USD = "(calls.reserved_usd IS NOT NULL AND calls.cost_usd IS NOT NULL)"
 _EST = "calls.estimated_input_tokens + calls.estimated_output_tokens"
 _USED = "calls.input_tokens + calls.output_tokens"
@@ -280,10 +277,10 @@ TOTAL_METRICS = {
     "reasoning_tokens": "SUM(calls.reasoning_tokens)",
     "estimated_tokens": f"SUM({_EST})",
     "cost_sum": "SUM(COALESCE(calls.cost_usd, 0.0))",
-    "cost_n": "SUM(calls.cost_usd IS NOT NULL)",
-    "unpriced_calls": f"SUM(calls.cost_usd IS NULL AND {_USED} > 0)",
-    "denied": "SUM(calls.outcome = 'denied')",
-    "errors": "SUM(calls.outcome = 'error')",
+    "cost_n": _count("calls.cost_usd IS NOT NULL"),
+    "unpriced_calls": _count(f"calls.cost_usd IS NULL AND {_USED} > 0"),
+    "denied": _count("calls.outcome = 'denied'"),
+    "errors": _count("calls.outcome = 'error'"),
     "first_ts": "MIN(calls.ts)",
     "last_ts": "MAX(calls.ts)",
 }
@@ -294,8 +291,8 @@ ACCURACY_METRICS = {
     "estimated_output_tokens": "SUM(calls.estimated_output_tokens)",
     "output_tokens": "SUM(calls.output_tokens)",
     "abs_input_error": "SUM(ABS(calls.estimated_input_tokens - calls.input_tokens))",
-    "under_reserved": f"SUM({_USED} > {_EST})",
-    "usd_n": f"SUM({_BOTH_USD})",
+    "under_reserved": _count(f"{_USED} > {_EST}"),
+    "usd_n": _count(_BOTH_USD),
     "reserved_usd": f"SUM(CASE WHEN {_BOTH_USD} THEN calls.reserved_usd ELSE 0.0 END)",
     "cost_usd": f"SUM(CASE WHEN {_BOTH_USD} THEN calls.cost_usd ELSE 0.0 END)",
 }
@@ -324,35 +321,38 @@ def _aggregate(
     outcomes: Sequence[str] | None = None,
 ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """Run one GROUP BY; return (decoded group key, metric values) pairs."""
-    select: list[str] = []
-    spans: list[tuple[int, int]] = []
-    joins = ""
-    for i, dim in enumerate(dims):
-        exprs, join = dim.sql(f"j{i}")
-        spans.append((len(select), len(select) + len(exprs)))
-        select.extend(exprs)
-        joins += join
-    n_keys = len(select)
-    clauses = ["calls.ts >= ?", "calls.ts < ?"]
-    params: list[Any] = [lo if lo is not None else -1e300, hi if hi is not None else 1e300]
-    if outcomes is not None:
-        clauses.append(f"calls.outcome IN ({', '.join('?' * len(outcomes))})")
-        params.extend(outcomes)
-    where = where or {}
-    for dim, value in zip(resolve_dimensions(list(where)), where.values()):
-        clause, extra = dim.where(list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value])
-        clauses.append(clause)
-        params.extend(extra)
-    sql = f"SELECT {', '.join(select + list(metrics.values()))} FROM calls{joins} WHERE {' AND '.join(clauses)}"
-    if n_keys:
-        sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(n_keys))
     with _queryable(sink, lo, hi) as source:
+        dialect: Dialect = source.dialect
+        mark = dialect.param
+        select: list[str] = []
+        spans: list[tuple[int, int]] = []
+        joins = ""
+        for i, dim in enumerate(dims):
+            exprs, join = dim.sql(dialect, f"j{i}")
+            spans.append((len(select), len(select) + len(exprs)))
+            select.extend(exprs)
+            joins += join
+        n_keys = len(select)
+        clauses = [f"calls.ts >= {mark}", f"calls.ts < {mark}"]
+        params: list[Any] = [lo if lo is not None else -1e300, hi if hi is not None else 1e300]
+        if outcomes is not None:
+            clauses.append(f"calls.outcome IN ({', '.join([mark] * len(outcomes))})")
+            params.extend(outcomes)
+        where = where or {}
+        for dim, value in zip(resolve_dimensions(list(where)), where.values()):
+            wanted = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            clause, extra = dim.where(dialect, wanted)
+            clauses.append(clause)
+            params.extend(extra)
+        sql = f"SELECT {', '.join(select + list(metrics.values()))} FROM calls{joins} WHERE {' AND '.join(clauses)}"
+        if n_keys:
+            sql += " GROUP BY " + ", ".join(str(i + 1) for i in range(n_keys))
         raw = source.execute_read(sql, params)
     merged: dict[tuple[Any, ...], tuple[tuple[Any, ...], dict[str, Any]]] = {}
     for row in raw:
         if row[n_keys] is None:  # no GROUP BY and nothing matched
             continue
-        key = tuple(dim.decode(row[a:b]) for dim, (a, b) in zip(dims, spans))
+        key = tuple(dim.decode(dialect, row[a:b]) for dim, (a, b) in zip(dims, spans))
         values = dict(zip(metrics, row[n_keys:]))
         typed = tuple(_typed(k) if k is not None else None for k in key)
         if typed in merged:  # e.g. JSON null and a missing key both decode to None

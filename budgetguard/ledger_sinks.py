@@ -1,33 +1,20 @@
 """Where ledger records are stored: SQLite (default), JSONL, or memory.
 
 A sink is anything with ``write(records)`` and ``close()`` (:class:`Sink`). The
-:class:`~budgetguard.ledger.Ledger` calls ``write`` from its background writer thread only,
-with batches of records. Sinks that also have ``read(since, until)`` can be queried.
+:class:`~budgetguard.ledger.Ledger` calls ``write`` with one or more records, one call at a
+time, and returns to its caller once ``write`` does: a sink's ``write`` must leave the
+records stored (a PostgreSQL ledger lives in :mod:`budgetguard.ledger_postgres`). Sinks that
+also have ``read(since, until)`` can be queried.
 
-SQLite schema (``PRAGMA application_id = 0x42474C47``, ``PRAGMA user_version = 1``)::
+The SQLite file holds table ``calls`` (:mod:`budgetguard.ledger_sql`; ``PRAGMA
+application_id = 0x42474C47``, ``PRAGMA user_version`` = the schema version). It runs in WAL
+mode with a busy timeout; each write is one ``BEGIN IMMEDIATE`` transaction, so several
+processes can write to one file. ``synchronous=NORMAL``: a committed write survives a crash
+of the process (what the ledger promises), not necessarily a power loss. A file of an
+earlier schema is migrated in place by the first process that opens it.
 
-    CREATE TABLE calls (
-        id INTEGER PRIMARY KEY,
-        ts REAL NOT NULL,            -- unix seconds, call start
-        day TEXT NOT NULL,           -- UTC date of ts, 'YYYY-MM-DD'
-        run_id TEXT NOT NULL, root_run_id TEXT, parent_run_id TEXT,
-        scope TEXT NOT NULL,         -- JSON object, e.g. {"user_id": "alice"}
-        scope_key TEXT NOT NULL,     -- 'user_id=alice' (keys sorted, ',' joined; '' if none)
-        tags TEXT NOT NULL,          -- JSON array
-        metadata TEXT NOT NULL,      -- JSON object
-        model_requested TEXT, model_used TEXT, policy TEXT, outcome TEXT NOT NULL,
-        estimated_input_tokens INTEGER NOT NULL, estimated_output_tokens INTEGER NOT NULL,
-        input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
-        cached_input_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL,
-        cost_usd REAL, reserved_usd REAL, latency_s REAL,
-        budgets TEXT NOT NULL,       -- JSON array
-        error TEXT, prompt TEXT, completion TEXT
-    );
-    -- indexes: ts, model_used, COALESCE(root_run_id, run_id)
-
-The file runs in WAL mode with a busy timeout; each batch is one ``BEGIN IMMEDIATE``
-transaction, so several processes can append to one file. ``synchronous=NORMAL``: a
-committed batch survives a crash of the process, not necessarily a power loss.
+Every sink keeps one record per run id, by the rule of :mod:`budgetguard.ledger_sql`: the
+SQLite and memory sinks when writing, the JSONL sink (append-only) when reading.
 """
 
 from __future__ import annotations
@@ -41,41 +28,33 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from budgetguard.ledger import LedgerError, LedgerRecord, _utc_day, default_ledger_path
+from budgetguard import ledger_sql as _sql
+from budgetguard.ledger_records import (
+    LedgerError,
+    LedgerRecord,
+    default_ledger_location,
+    is_ledger_url,
+)
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "JSONLSink", "MemorySink", "SQLiteSink", "Sink"]
 
 logger = logging.getLogger("budgetguard.ledger")
 
 APPLICATION_ID = 0x42474C47  # "BGLG"
-SCHEMA_VERSION = 1
-_JSON_FIELDS = ("scope", "tags", "metadata", "budgets")
-_FIELDS = tuple(LedgerRecord.__dataclass_fields__)
-_COLUMNS = ("ts", "day", *_FIELDS[1:5], "scope_key", *_FIELDS[5:])
-_TYPES = {"ts": "REAL NOT NULL", "run_id": "TEXT NOT NULL", "outcome": "TEXT NOT NULL", "day": "TEXT NOT NULL"}
-_TYPES.update({n: "REAL" for n in ("cost_usd", "reserved_usd", "latency_s")})
-_TYPES.update({n: "INTEGER NOT NULL" for n in _FIELDS if n.endswith("_tokens")})
-_TYPES.update({n: "TEXT NOT NULL" for n in (*_JSON_FIELDS, "scope_key")})
-_SCHEMA = (
-    "CREATE TABLE calls (id INTEGER PRIMARY KEY, " + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in _COLUMNS) + ")",
-    "CREATE INDEX calls_ts ON calls(ts)",
-    "CREATE INDEX calls_model_used ON calls(model_used)",
-    "CREATE INDEX calls_run ON calls(COALESCE(root_run_id, run_id))",
-    f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
-_INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_SELECT = f"SELECT {', '.join(_FIELDS)} FROM calls"
+SCHEMA_VERSION = _sql.SCHEMA_VERSION
+_MIGRATIONS = _sql.SQLITE.migrations()
+_UPSERT = _sql.SQLITE.upsert()
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 @runtime_checkable
 class Sink(Protocol):
-    """What the ledger writes to. ``write`` is called from one background thread."""
+    """What the ledger writes to. ``write`` is called by one thread at a time."""
 
     def write(self, records: Sequence[LedgerRecord]) -> None:
-        """Persist ``records``; raise to have the ledger keep and retry them."""
+        """Store ``records`` durably before returning (one per run id, see
+        :mod:`budgetguard.ledger_sql`); raise to have the ledger keep and retry them."""
         ...
 
     def close(self) -> None:
@@ -86,41 +65,13 @@ class Sink(Protocol):
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _in_range(ts: float, lo: float | None, hi: float | None) -> bool:
-    return (lo is None or ts >= lo) and (hi is None or ts < hi)
-
-
-class MemorySink:
-    """Keeps records in a list (:attr:`records`); for tests. Still readable after close."""
-
-    def __init__(self) -> None:
-        self.records: list[LedgerRecord] = []
-        self._lock = threading.Lock()
-
-    def write(self, records: Sequence[LedgerRecord]) -> None:
-        """Append normalised copies (as they would read back from a file)."""
-        copies = [LedgerRecord.from_dict(r.to_dict()) for r in records]
-        with self._lock:
-            self.records.extend(copies)
-
-    def read(self, since: float | None = None, until: float | None = None) -> Iterator[LedgerRecord]:
-        """Records with ``since <= ts < until``, oldest first."""
-        with self._lock:
-            found = [r for r in self.records if _in_range(r.ts, since, until)]
-        return iter(sorted(found, key=lambda r: r.ts))
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def __repr__(self) -> str:
-        return f"MemorySink({len(self.records)} records)"
-
-
 class JSONLSink:
     """Appends one JSON object per line (:meth:`LedgerRecord.to_dict` plus ``"v": 1``).
 
-    Each batch is one ``write(2)`` on a file opened with ``O_APPEND``; the file is
-    fsync'ed on close. Prefer :class:`SQLiteSink` when several processes share a file.
+    Each write is one ``write(2)`` on a file opened with ``O_APPEND`` (in the kernel's hands
+    when it returns: it survives the process); the file is fsync'ed on close. Lines are
+    never rewritten: a run's ``expired`` record is appended, and reading applies the
+    one-record-per-run rule. Prefer :class:`SQLiteSink` when several processes share a file.
 
     Args:
         path: The file; parent directories are created.
@@ -150,7 +101,7 @@ class JSONLSink:
                 view = view[os.write(self._fd, view) :]
 
     def read(self, since: float | None = None, until: float | None = None) -> Iterator[LedgerRecord]:
-        """Records with ``since <= ts < until``, oldest first.
+        """Records with ``since <= ts < until``, oldest first, one per run.
 
         A torn last line (a crash mid-write) is skipped with a warning.
 
@@ -168,16 +119,19 @@ class JSONLSink:
             if not line.strip():
                 continue
             try:
-                rec = LedgerRecord.from_dict(json.loads(line))
+                found.append(LedgerRecord.from_dict(json.loads(line)))
             except (ValueError, LedgerError) as exc:
                 if number == len(lines):  # no newline after it: a torn final write
                     logger.warning("ledger %s: skipping an incomplete last line", self.path)
                     continue
                 msg = f"ledger {self.path} line {number} is not a budgetguard record ({exc}); the file is corrupt"
                 raise LedgerError(msg) from exc
-            if _in_range(rec.ts, since, until):
-                found.append(rec)
-        return iter(sorted(found, key=lambda r: r.ts))
+        # Lines are appended as they come; the one-record-per-run rule applies on reading.
+        scratch = scratch_sqlite(found)
+        try:
+            return iter(list(scratch.read(since, until)))
+        finally:
+            scratch.close()
 
     def close(self) -> None:
         """Fsync and close the file."""
@@ -194,7 +148,7 @@ class JSONLSink:
 
 
 class SQLiteSink:
-    """The default sink: one SQLite file, table ``calls`` (schema in the module docstring).
+    """The default sink: one SQLite file, table ``calls`` (:mod:`budgetguard.ledger_sql`).
 
     Args:
         path: The database file (parent directories are created), or ``":memory:"``.
@@ -249,17 +203,14 @@ class SQLiteSink:
         return LedgerError(f"{action} ledger {self.path}: {exc}")
 
     def _prepare(self, conn: sqlite3.Connection, create: bool) -> None:
-        """Check the file is a ledger of a known version; initialise an empty one."""
+        """Check the file is a ledger of a known version; initialise an empty one, migrate an old one."""
         try:
             app_id, version, tables = self._header(conn)
-            if app_id == 0 and not tables and create:
+            fresh = app_id == 0 and not tables
+            if (fresh and create) or (app_id == APPLICATION_ID and version < SCHEMA_VERSION):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    app_id, version, tables = self._header(conn)  # another process may have won
-                    if app_id == 0 and not tables:
-                        for statement in _SCHEMA:
-                            conn.execute(statement)
-                        app_id, version, tables = APPLICATION_ID, SCHEMA_VERSION, ["calls"]
+                    app_id, version, tables = self._migrate(conn)
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
@@ -279,6 +230,20 @@ class SQLiteSink:
             msg = f"{self.path} is a damaged budgetguard ledger (no 'calls' table); move it aside"
             raise LedgerError(msg)
 
+    def _migrate(self, conn: sqlite3.Connection) -> tuple[int, int, list[str]]:
+        """In the caller's write transaction: create the schema, or bring it up to date."""
+        app_id, version, tables = self._header(conn)  # another process may have done it already
+        if app_id == 0 and not tables:
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            app_id = APPLICATION_ID
+        if app_id != APPLICATION_ID or version >= SCHEMA_VERSION:
+            return app_id, version, tables
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return self._header(conn)
+
     @staticmethod
     def _header(conn: sqlite3.Connection) -> tuple[int, int, list[str]]:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
@@ -296,24 +261,27 @@ class SQLiteSink:
         return self._conn
 
     def write(self, records: Sequence[LedgerRecord]) -> None:
-        """Insert ``records`` in one ``BEGIN IMMEDIATE`` transaction.
+        """Store ``records`` in one ``BEGIN IMMEDIATE`` transaction, one row per run.
 
         Raises:
             LedgerError: The database is locked past the timeout, full, or damaged.
         """
-        rows = [_to_row(r) for r in records]
+        rows = [_sql.to_row(r) for r in records]
         with self._lock:
             conn = self._writer()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(_INSERT, rows)
+                    conn.executemany(_UPSERT, rows)
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise self._error("cannot write to", exc) from exc
+
+    dialect = _sql.SQLITE
+    """How the ledger's queries are written for this sink."""
 
     def execute_read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run one read-only query and return all rows (used by the ledger's queries)."""
@@ -330,10 +298,10 @@ class SQLiteSink:
         Raises:
             LedgerError: The file is unreadable or damaged (raised while iterating).
         """
-        sql = _SELECT + " WHERE ts >= ? AND ts < ? ORDER BY ts, id"
+        sql = _sql.SELECT + " WHERE ts >= ? AND ts < ? ORDER BY ts, id"
         params = (since if since is not None else -1e300, until if until is not None else 1e300)
         if self._memory:
-            return (_from_row(row) for row in self.execute_read(sql, params))
+            return (_sql.from_row(row) for row in self.execute_read(sql, params))
         return self._stream(sql, params)
 
     def _stream(self, sql: str, params: Sequence[Any]) -> Iterator[LedgerRecord]:
@@ -341,7 +309,7 @@ class SQLiteSink:
         try:
             cursor = conn.execute(sql, params)
             while rows := cursor.fetchmany(1000):
-                yield from map(_from_row, rows)
+                yield from map(_sql.from_row, rows)
         except sqlite3.Error as exc:
             raise self._error("cannot read", exc) from exc
         finally:
@@ -358,24 +326,22 @@ class SQLiteSink:
         return f"SQLiteSink({str(self.path)!r})"
 
 
-def _to_row(rec: LedgerRecord) -> tuple[Any, ...]:
-    data = rec.to_dict()
-    for name in _JSON_FIELDS:
-        data[name] = _dumps(data[name])
-    data["day"] = _utc_day(data["ts"])
-    data["scope_key"] = rec.scope_key
-    return tuple(data[c] for c in _COLUMNS)
+class MemorySink(SQLiteSink):
+    """A ledger in memory (an in-memory SQLite database), for tests; readable after close."""
 
+    def __init__(self) -> None:
+        super().__init__(":memory:")
 
-def _from_row(row: Sequence[Any]) -> LedgerRecord:
-    data = dict(zip(_FIELDS, row))
-    try:
-        for name in _JSON_FIELDS:
-            data[name] = json.loads(data[name])
-    except (TypeError, ValueError) as exc:
-        msg = f"ledger row of run {data.get('run_id')!r} holds malformed JSON: {exc}"
-        raise LedgerError(msg) from exc
-    return LedgerRecord.from_dict(data)
+    @property
+    def records(self) -> list[LedgerRecord]:
+        """Every record, oldest first."""
+        return list(self.read())
+
+    def close(self) -> None:
+        """Nothing to release: the records stay readable."""
+
+    def __repr__(self) -> str:
+        return f"MemorySink({self.execute_read('SELECT COUNT(*) FROM calls')[0][0]} records)"
 
 
 def scratch_sqlite(records: Sequence[LedgerRecord]) -> SQLiteSink:
@@ -388,21 +354,30 @@ def scratch_sqlite(records: Sequence[LedgerRecord]) -> SQLiteSink:
 def sink_for(spec: Any) -> Any:
     """Turn the ``sink`` argument of :class:`~budgetguard.ledger.Ledger` into a sink."""
     if spec is None:
-        spec = default_ledger_path()
+        spec = default_ledger_location()
     if isinstance(spec, str) and spec == ":memory:":
         return MemorySink()
+    if is_ledger_url(spec):
+        from budgetguard.ledger_postgres import PostgresSink
+
+        return PostgresSink(spec)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         return JSONLSink(path) if path.suffix.lower() in _JSONL_SUFFIXES else SQLiteSink(path)
     if callable(getattr(spec, "write", None)) and callable(getattr(spec, "close", None)):
         return spec
-    msg = f"a ledger sink must be a path or have write(records) and close(), got {spec!r}"
+    msg = f"a ledger sink must be a path, a postgresql:// URL or have write(records) and close(), got {spec!r}"
     raise LedgerError(msg)
 
 
-def open_existing(path: Path) -> Any:
-    """Open an existing ledger file for reading, telling SQLite from JSONL by its content."""
-    path = path.expanduser()
+def open_existing(spec: str | os.PathLike[str]) -> Any:
+    """Open an existing ledger for reading: a ``postgresql://`` URL, or a file (SQLite or
+    JSONL, told by its content)."""
+    if is_ledger_url(spec):
+        from budgetguard.ledger_postgres import PostgresSink
+
+        return PostgresSink(str(spec), create=False)
+    path = Path(spec).expanduser()
     if not path.exists():
         msg = f"no ledger at {path}; nothing was recorded there yet (choose one with --ledger or BUDGETGUARD_LEDGER)"
         raise LedgerError(msg)
@@ -427,6 +402,6 @@ def open_existing(path: Path) -> Any:
 def read_records(sink: Any, since: float | None, until: float | None) -> Iterator[LedgerRecord]:
     """The records of any readable sink."""
     if not callable(getattr(sink, "read", None)):
-        msg = f"ledger sink {sink!r} cannot be read back; use SQLiteSink, JSONLSink or MemorySink"
+        msg = f"ledger sink {sink!r} cannot be read back; use SQLiteSink, PostgresSink, JSONLSink or MemorySink"
         raise LedgerError(msg)
     return iter(sink.read(since, until))

@@ -17,9 +17,9 @@ changed call, so every policy works unchanged in sync and async code. The change
 is estimated and reserved again; nothing is sent until a reservation succeeds.
 
 Policies that change the request (``rewrites = True``: cap, cheaper model, compress) act
-where the guard sends the call itself, in its model wrapper (:mod:`budgetguard.model`,
-which ``guard | chain`` puts around every chat model it can reach). Models it cannot
-reach are still metered; for them only :class:`wait_for_refill` applies.
+where the guard sends the call itself: in the metered copy of every chat model it can
+reach (:mod:`budgetguard.metered`) and in the agent middleware. Models it cannot reach are
+still metered, through callbacks; for them only :class:`wait_for_refill` applies.
 """
 
 from __future__ import annotations
@@ -27,19 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, get_buffer_string, trim_messages
 
 from budgetguard.errors import ConfigurationError, ContextWindowExceeded
-from budgetguard.flow import Flow, Invoke, Peek, Sleep
+from budgetguard.flow import Flow, Invoke, OverflowPolicy, Peek, PolicyContext, Sleep
 from budgetguard.tickets import flat_scope
 
 if TYPE_CHECKING:
     from langchain_core.runnables import RunnableConfig
 
     from budgetguard.errors import BudgetExceeded
-    from budgetguard.guard import BudgetGuard
     from budgetguard.tickets import Call
 
 __all__ = ["OverflowPolicy", "cap_output", "cheaper_model", "compress_prompt", "wait_for_refill"]
@@ -47,34 +46,12 @@ __all__ = ["OverflowPolicy", "cap_output", "cheaper_model", "compress_prompt", "
 _CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "max_new_tokens", "num_predict")
 
 
-class OverflowPolicy:
-    """Base of the overflow policies.
-
-    Attributes:
-        name: How the policy is named in errors, traces and the ledger.
-        rewrites: Whether it changes the request (only the model wrapper can send that).
-        retries: Whether the guard may offer it the same call again after it acted.
-    """
-
-    name: ClassVar[str] = "policy"
-    rewrites: ClassVar[bool] = True
-    retries: ClassVar[bool] = False
-
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
-        """Return a changed call to reserve instead, or ``None`` to decline."""
-        raise NotImplementedError
-        yield  # pragma: no cover  (makes this a generator)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
-
-
-def headroom(call: Call, guard: BudgetGuard) -> Flow[tuple[float, float]]:
+def headroom(call: Call, guard: PolicyContext) -> Flow[tuple[float, float]]:
     """What the budgets can afford for ``call``: (max output tokens, max input tokens).
 
     Each is computed holding the other part of the call fixed, over every budget the
-    call is charged to (a borrower's lender included), in tokens.
+    call is charged to (a borrower's lender included), in tokens. A ``"calls"`` budget
+    that cannot cover one more call leaves room for nothing.
     """
     lines = guard.lines_for(call)
     levels = yield Peek(guard.specs_for(lines))
@@ -87,7 +64,10 @@ def headroom(call: Call, guard: BudgetGuard) -> Flow[tuple[float, float]]:
         if ln.budget.borrow_from:
             avail += max(levels[i], 0.0)
             i += 1
-        if ln.budget.unit == "usd":
+        if ln.budget.unit == "calls":  # a call counts one whatever its size: no smaller call fits better
+            if avail < ln.amount:
+                max_out = max_in = -math.inf
+        elif ln.budget.unit == "usd":
             info = guard.prices.require_price(call.model)
             pin = info.input_cost_per_token or 0.0
             pout = info.output_cost_per_token or 0.0
@@ -133,7 +113,7 @@ class cap_output(OverflowPolicy):  # noqa: N801  (reads like a function, as tena
             raise ConfigurationError(msg)
         self.min_output_tokens = min_output_tokens
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Propose the largest affordable cap of at least ``min_output_tokens``."""
         est = call.estimate
         limit = math.inf
@@ -165,8 +145,22 @@ def _model_name(model: Any) -> str | None:
     return None
 
 
+def _rung_cap(rung: Any, call: Call, guard: PolicyContext) -> int | None:
+    """The output cap a ladder's model object is sent with: the call's cap, or the rung's own
+    when it is lower (or when the call has none); ``None`` when neither has one. A name rung is
+    a copy of the called model, so it keeps the call's own parameters."""
+    if isinstance(rung, str):
+        return None
+    own = rung._get_invocation_params() if hasattr(rung, "_get_invocation_params") else {}
+    caps = [c for c in (guard.estimator.output_cap(call.params), guard.estimator.output_cap(own)) if c is not None]
+    return min(caps) if caps else None
+
+
 class cheaper_model(OverflowPolicy):  # noqa: N801
     """Send the call to the first model of a ladder that the budgets cover and that fits.
+
+    A model object in the ladder is sent the call's output cap (or its own, when lower), so
+    what it answers stays within what was reserved for it.
 
     Args:
         ladder: For each model name, the models to try instead, in order: names (the
@@ -199,12 +193,17 @@ class cheaper_model(OverflowPolicy):  # noqa: N801
         keys = [k for k in self.ladder if model == k or model.startswith(k)]
         return self.ladder[max(keys, key=len)] if keys else []
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Propose the first rung that fits the window and that every budget can cover."""
         requested = call.model_requested or call.model
         for rung in self.rungs(call.model):
             name = _model_name(rung)
             params = {**call.params, "model_name": name, "model": name}
+            send = dict(call.send_kwargs)
+            cap = _rung_cap(rung, call, guard)
+            if cap is not None:  # the rung answers with at most what is reserved for it
+                key = _cap_key(call.params)
+                params[key] = send[key] = cap
             est = guard.estimator.estimate(
                 model=name, invocation_params=params, messages=call.messages, prompts=call.prompts
             )
@@ -213,6 +212,7 @@ class cheaper_model(OverflowPolicy):  # noqa: N801
                 estimate=est,
                 params=params,
                 target=rung,
+                send_kwargs=send,
                 policy=applied(call, self.name),
                 model_requested=requested,
             )
@@ -251,7 +251,7 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
         self.summarizer = summarizer
         self.summary_max_tokens = summary_max_tokens
 
-    def _target(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[float]:
+    def _target(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[float]:
         est = call.estimate
         target = math.inf
         window = guard.prices.context_window(call.model)
@@ -262,7 +262,7 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
             target = min(target, max_in)
         return target
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Propose the compressed conversation, re-estimated."""
         messages = call.messages
         if not messages:
@@ -300,7 +300,7 @@ class compress_prompt(OverflowPolicy):  # noqa: N801
     @staticmethod
     def _trim(
         call: Call,
-        guard: BudgetGuard,
+        guard: PolicyContext,
         system: list[BaseMessage],
         older: list[BaseMessage],
         latest: list[BaseMessage],
@@ -367,7 +367,7 @@ class wait_for_refill(OverflowPolicy):  # noqa: N801
             raise ConfigurationError(msg)
         self.max_wait = float(max_wait)
 
-    def propose(self, call: Call, error: BudgetExceeded, guard: BudgetGuard) -> Flow[Call | None]:
+    def propose(self, call: Call, error: BudgetExceeded, guard: PolicyContext) -> Flow[Call | None]:
         """Sleep for the computed refill time, then propose the same call."""
         wait = error.retry_after
         if isinstance(error, ContextWindowExceeded) or wait is None or call.waited + wait > self.max_wait:

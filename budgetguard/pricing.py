@@ -1,17 +1,23 @@
 """Model prices and context windows.
 
-A :class:`PriceTable` maps model names to :class:`ModelInfo` (USD per token,
-context window, output limit). Tables are immutable: :meth:`PriceTable.with_overrides`
+A :class:`PriceTable` maps model names to :class:`ModelInfo` (USD per token, prompt-size
+tiers, context window, output limit). Tables are immutable: :meth:`PriceTable.with_overrides`
 and :meth:`PriceTable.merged` return new ones.
 
-The bundled table (``budgetguard/data/model_prices.json``) uses LiteLLM's
-``model_prices_and_context_window.json`` format, so one loader reads both it and
-a full LiteLLM file. It holds the providers' public list prices (standard tier,
-text) as of 2025-08-15, from https://openai.com/api/pricing/,
-https://platform.openai.com/docs/models, https://www.anthropic.com/pricing#api,
-https://docs.anthropic.com/en/docs/about-claude/models/overview and
-https://ai.google.dev/gemini-api/docs/pricing. Prices change: check them, and
-override what differs for your account.
+Where prices come from:
+
+* :meth:`PriceTable.bundled` (the default): Pydantic's ``genai-prices`` snapshot,
+  bundled with that package and read offline (see :mod:`budgetguard.pricing_genai`).
+  Upgrade the package for newer prices; ``budgetguard prices MODEL`` shows what a model
+  costs, its window, and the snapshot and date the price comes from.
+* :meth:`PriceTable.from_litellm`: LiteLLM's ``model_prices_and_context_window.json``.
+* :meth:`PriceTable.with_overrides`: your own prices, which win over both.
+
+Names match exactly: case, a provider prefix (``openai/``, ``us.anthropic.``) and a
+snapshot date (``-2024-08-06``, ``-20241022``, ``@20241022``, ``-latest``) are
+forgiven, nothing else, so a newer model is never priced as an older one
+(``claude-opus-4-5`` is not ``claude-opus-4``). Each name is resolved once per table
+and remembered, so the lookups the guard makes on every call are dictionary reads.
 
 Example:
     >>> table = PriceTable.bundled().with_overrides({"my-ft-model": {"input_per_million": 3, "output_per_million": 12}})
@@ -22,31 +28,28 @@ Example:
 from __future__ import annotations
 
 import json
-import math
-import numbers
+import logging
 import os
 import re
-import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from functools import lru_cache
-from importlib import resources
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
-from cachetools import LRUCache
+from budgetguard.errors import ConfigurationError, UnknownModelError
+from budgetguard.model_info import ModelInfo, PriceTier, _price, _tokens
 
-from budgetguard.errors import ConfigurationError, UnknownModelError, UsageError
+__all__ = ["ModelInfo", "PriceTable", "PriceTier"]
 
-__all__ = ["ModelInfo", "PriceTable"]
+logger = logging.getLogger(__name__)
 
 _MODES = frozenset({"chat", "completion", "responses"})
-# Dates and versions providers append to a model's base name; stripped one at a time.
-_SUFFIX = re.compile(r"(?:@.*|-v\d+(?::\d+)?|-(?:latest|preview|exp)|-\d{4}-\d{2}-\d{2}|-\d{2}-\d{2}|-\d{3,8})$")
+# Snapshot dates and revision tags (not versions) providers append to a model's name; stripped one at a time.
+_SNAPSHOT = re.compile(r"(?:@.*|-v\d+:\d+|-latest|-\d{4}-\d{2}-\d{2}|-\d{8})$")
 # Provider prefixes that use a dot, not a slash (Amazon Bedrock: "us.anthropic.claude-...").
-_DOTTED_PROVIDER = re.compile(r"^(?:[a-z]{2}\.)?(?:anthropic|meta|amazon|cohere|mistral|ai21|openai)\.")
-_PREFIX_BOUNDARY = frozenset("-:@_")  # "gpt-4" may prefix "gpt-4-32k", never "gpt-4o" or "gpt-4.5"
-_MEMO_LIMIT = 4096
+_DOTTED_PROVIDER = re.compile(r"^(?:[a-z]{2}\.|global\.)?(?:anthropic|meta|amazon|cohere|mistral|ai21|openai)\.")
+_MEMO_LIMIT = 4096  # names come from code, but a table never grows without bound
 _UNSEEN = object()
 _INFO_FIELDS = ("input_cost_per_token", "output_cost_per_token", "cached_input_cost_per_token",
                 "context_window", "max_output_tokens")
@@ -62,189 +65,138 @@ _OVERRIDE_KEYS: dict[str, tuple[str, float]] = {
 }
 
 
-def _price(value: Any, what: str) -> float | None:
-    """A non-negative finite price; numeric strings allowed, None stays None."""
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number >= 0):
-        msg = f"{what}={value!r} is not a non-negative number"
-        raise ConfigurationError(msg)
-    return number
-
-
-def _tokens(value: Any, what: str) -> int | None:
-    """A positive token limit; numeric strings and whole floats allowed, None stays None."""
-    number = _price(value, what)
-    if number is None:
-        return None
-    if number != int(number) or number <= 0:
-        msg = f"{what}={value!r} is not a positive whole number of tokens"
-        raise ConfigurationError(msg)
-    return int(number)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Price and limits of one model.
-
-    Attributes:
-        name: The model name as the table knows it.
-        input_cost_per_token: USD per prompt token, None if unknown.
-        output_cost_per_token: USD per output token (reasoning included), None if unknown.
-        cached_input_cost_per_token: USD per prompt token read from the provider's
-            cache; None means cached tokens cost the full input price.
-        context_window: Most prompt tokens the model accepts, None if unknown.
-        max_output_tokens: Most output tokens per call, None if unknown.
-
-    Raises:
-        ConfigurationError: If a price is negative or not finite, or a limit is not positive.
-    """
-
-    name: str
-    input_cost_per_token: float | None
-    output_cost_per_token: float | None
-    cached_input_cost_per_token: float | None = None
-    context_window: int | None = None
-    max_output_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("input_cost_per_token", "output_cost_per_token", "cached_input_cost_per_token"):
-            object.__setattr__(self, field, _price(getattr(self, field), f"{self.name}: {field}"))
-        for field in ("context_window", "max_output_tokens"):
-            object.__setattr__(self, field, _tokens(getattr(self, field), f"{self.name}: {field}"))
-
-    def cost(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
-        """USD cost of a call.
-
-        Args:
-            input_tokens: All prompt tokens, cached ones included.
-            output_tokens: Output tokens, reasoning included.
-            cached_input_tokens: The part of ``input_tokens`` read from the provider's
-                cache, priced at ``cached_input_cost_per_token`` when known.
-
-        Returns:
-            Cost in USD.
-
-        Raises:
-            UsageError: If a count is negative or cached tokens exceed input tokens.
-            UnknownModelError: If the input or output price is unknown.
-
-        Example:
-            >>> round(ModelInfo("m", 2e-6, 8e-6, 5e-7).cost(1000, 100, cached_input_tokens=400), 6)
-            0.0022
-        """
-        counts = {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                  "cached_input_tokens": cached_input_tokens}
-        for label, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
-                msg = f"{label}={value!r} must be a non-negative number of tokens"
-                raise UsageError(msg)
-        if cached_input_tokens > input_tokens:
-            msg = f"cached_input_tokens={cached_input_tokens} exceeds input_tokens={input_tokens}"
-            raise UsageError(msg)
-        if self.input_cost_per_token is None or self.output_cost_per_token is None:
-            msg = (f"model '{self.name}' has no {'input' if self.input_cost_per_token is None else 'output'} "
-                   "price; add one with PriceTable.with_overrides()")
-            raise UnknownModelError(msg)
-        cached_price = self.cached_input_cost_per_token
-        cached_price = self.input_cost_per_token if cached_price is None else cached_price
-        return ((input_tokens - cached_input_tokens) * self.input_cost_per_token
-                + cached_input_tokens * cached_price + output_tokens * self.output_cost_per_token)
-
-
-def _parse_litellm(data: Mapping[str, Any], where: str) -> dict[str, ModelInfo]:
+def _parse_litellm(data: Mapping[str, Any], where: str) -> tuple[dict[str, ModelInfo], dict[str, str]]:
+    """The priced text models of a LiteLLM price file, and the entries skipped as malformed (name -> why)."""
     models: dict[str, ModelInfo] = {}
+    skipped: dict[str, str] = {}
     for name, entry in data.items():
-        # "sample_spec" documents the format; "_meta" and other "_" keys are ours.
-        if name == "sample_spec" or name.startswith("_") or not isinstance(entry, Mapping):
+        if name == "sample_spec" or name.startswith("_"):  # the format's own documentation; our notes
+            continue
+        if not isinstance(entry, Mapping):
+            skipped[name] = f"a {type(entry).__name__}, not an object"
             continue
         if entry.get("mode") is not None and entry.get("mode") not in _MODES:  # embeddings, images, audio, ...
             continue
-        what = f"{where}: model '{name}'"
-        info = ModelInfo(
-            name,
-            _price(entry.get("input_cost_per_token"), f"{what} input_cost_per_token"),
-            _price(entry.get("output_cost_per_token"), f"{what} output_cost_per_token"),
-            _price(entry.get("cache_read_input_token_cost"), f"{what} cache_read_input_token_cost"),
-            _tokens(entry.get("max_input_tokens"), f"{what} max_input_tokens")
-            or _tokens(entry.get("max_tokens"), f"{what} max_tokens"),
-            _tokens(entry.get("max_output_tokens"), f"{what} max_output_tokens"),
-        )
+        try:
+            info = ModelInfo(
+                name,
+                _price(entry.get("input_cost_per_token"), "input_cost_per_token"),
+                _price(entry.get("output_cost_per_token"), "output_cost_per_token"),
+                _price(entry.get("cache_read_input_token_cost"), "cache_read_input_token_cost"),
+                _tokens(entry.get("max_input_tokens"), "max_input_tokens")
+                or _tokens(entry.get("max_tokens"), "max_tokens"),
+                _tokens(entry.get("max_output_tokens"), "max_output_tokens"),
+                source=f"LiteLLM prices: {where}",
+            )
+        except ConfigurationError as exc:  # one bad entry must not cost the other thousands
+            skipped[name] = str(exc)
+            continue
         if info.input_cost_per_token is not None or info.output_cost_per_token is not None:
             models[name] = info
-    return models
+    return models, skipped
 
 
-@lru_cache(maxsize=1)
-def _bundled_models() -> Mapping[str, ModelInfo]:
-    source = resources.files("budgetguard").joinpath("data/model_prices.json")
-    return MappingProxyType(_parse_litellm(json.loads(source.read_text(encoding="utf-8")), "bundled prices"))
+def _exact_lookup(models: Mapping[str, ModelInfo], model: str) -> ModelInfo | None:
+    """``model`` in ``models`` up to case, a provider prefix and a snapshot date."""
+    lower = {name.lower(): info for name, info in models.items()}
+    name = model.strip().lower()
+    if name in lower:
+        return lower[name]
+    name = _DOTTED_PROVIDER.sub("", name.rsplit("/", 1)[-1]).replace("gpt-35", "gpt-3.5")  # Azure's spelling
+    while True:
+        if name in lower:
+            return lower[name]
+        shorter = _SNAPSHOT.sub("", name)
+        if shorter == name or not shorter:
+            return None
+        name = shorter
 
 
 class PriceTable:
-    """An immutable model -> :class:`ModelInfo` table with forgiving name lookup.
+    """An immutable model -> :class:`ModelInfo` table; names match exactly (see the module docstring).
 
     Args:
-        models: Entries by model name.
+        models: Entries by model name; they win over ``catalog``.
         default: Info used by :meth:`require_price` for models with no price, so
             unknown models are charged instead of refused.
+        catalog: Where to look up a model the entries do not have: a function of the
+            model name returning its info or None. :meth:`bundled` passes genai-prices'.
 
     Example:
-        >>> PriceTable.bundled().get("openai/gpt-4o-mini-2024-07-18").name
-        'gpt-4o-mini'
+        >>> PriceTable.bundled().get("openai/gpt-4o-mini-2024-07-18").input_cost_per_token
+        1.5e-07
     """
 
-    def __init__(self, models: Mapping[str, ModelInfo] | None = None, *, default: ModelInfo | None = None) -> None:
+    def __init__(self, models: Mapping[str, ModelInfo] | None = None, *, default: ModelInfo | None = None,
+                 catalog: Callable[[str], ModelInfo | None] | None = None) -> None:
         self._models: dict[str, ModelInfo] = dict(models or {})
         for name, info in self._models.items():
             if not isinstance(info, ModelInfo):
                 msg = f"PriceTable: entry '{name}' is a {type(info).__name__}, not a ModelInfo"
                 raise ConfigurationError(msg)
         self._default = default
-        self._lower = {name.lower(): info for name, info in self._models.items()}
-        # Names resolved by the forgiving lookup (dated, prefixed): an LRU, so a process that
-        # sees many model names keeps the recent ones instead of starting over.
-        self._memo: LRUCache[str, ModelInfo | None] = LRUCache(_MEMO_LIMIT)
-        self._memo_lock = threading.Lock()  # cachetools caches are not thread-safe
+        self._catalog = catalog
+        self._skipped: Mapping[str, str] = MappingProxyType({})
+        # Every name the guard has asked about, resolved once. A plain dict: the guard reads it on
+        # every call, and a dict read needs no lock (two threads resolving one name agree).
+        self._resolved: dict[str, ModelInfo | None] = {}
 
     @classmethod
     def bundled(cls) -> PriceTable:
-        """The table shipped with budgetguard (list prices as of the module docstring's date)."""
-        return cls(_bundled_models())
+        """List prices from the ``genai-prices`` snapshot installed with budgetguard (offline)."""
+        from budgetguard import pricing_genai
+
+        return cls(catalog=pricing_genai.find)
 
     @classmethod
     def from_litellm(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> PriceTable:
         """Load LiteLLM's ``model_prices_and_context_window.json`` format.
 
         Entries whose ``mode`` is not chat, completion or responses (embeddings,
-        images, audio, ...) are skipped, as are entries with neither price; entries
+        images, audio, ...) are left out, as are entries with neither price; entries
         without a ``mode`` are kept. Numbers may be given as strings. The context
-        window is ``max_input_tokens``, else ``max_tokens``.
+        window is ``max_input_tokens``, else ``max_tokens``. A malformed entry (a bad
+        number, not an object) is skipped, named in one warning, and listed in
+        :attr:`skipped`; the rest of the file loads.
 
         Args:
             source: A path to the JSON file, or its already-parsed content.
 
         Raises:
-            ConfigurationError: If the file cannot be read or parsed, or holds a bad value;
-                the message names the path and the model.
+            ConfigurationError: If the file cannot be read or parsed, or is not a JSON
+                object; the message names the path.
+
+        Example:
+            >>> t = PriceTable.from_litellm({"m": {"input_cost_per_token": 1e-6, "output_cost_per_token": "2e-6"},
+            ...                              "bad": {"input_cost_per_token": -1}})  # doctest: +SKIP
+            >>> dict(t.skipped)  # doctest: +SKIP
+            {'bad': "input_cost_per_token=-1 is not a non-negative number"}
         """
         if isinstance(source, Mapping):
-            return cls(_parse_litellm(source, "LiteLLM prices"))
-        path = os.fspath(source)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError) as exc:
-            msg = f"cannot read price file {path}: {exc}"
-            raise ConfigurationError(msg) from exc
-        if not isinstance(data, Mapping):
-            msg = f"price file {path} must hold a JSON object of model -> prices, not {type(data).__name__}"
-            raise ConfigurationError(msg)
-        return cls(_parse_litellm(data, path))
+            where, data = "(mapping)", source
+        else:
+            where = os.fspath(source)
+            try:
+                with open(where, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (OSError, ValueError) as exc:
+                msg = f"cannot read price file {where}: {exc}"
+                raise ConfigurationError(msg) from exc
+            if not isinstance(data, Mapping):
+                msg = f"price file {where} must hold a JSON object of model -> prices, not {type(data).__name__}"
+                raise ConfigurationError(msg)
+        models, skipped = _parse_litellm(data, where)
+        if skipped:
+            listed = "; ".join(f"'{name}': {why}" for name, why in list(skipped.items())[:10])
+            more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            msg = (f"LiteLLM prices {where}: skipped {len(skipped)} malformed "
+                   f"entr{'y' if len(skipped) == 1 else 'ies'} ({listed}{more}); loaded {len(models)}. "
+                   "Calls to a skipped model are unpriced: fix the file or use PriceTable.with_overrides().")
+            logger.warning(msg)
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        table = cls(models)
+        table._skipped = MappingProxyType(skipped)
+        return table
 
     def with_overrides(self, overrides: Mapping[str, ModelInfo | Mapping[str, Any]]) -> PriceTable:
         """A new table with some models added or changed.
@@ -253,6 +205,8 @@ class PriceTable:
         finds for that name. Keys: ModelInfo's fields, LiteLLM's
         (``cache_read_input_token_cost``, ``max_input_tokens``) or per-1M prices
         (``input_per_million``, ``output_per_million``, ``cached_input_per_million``).
+        Setting any price makes the model's price flat: long-prompt tiers found for
+        it are dropped, since they were quoted next to the prices you replaced.
 
         Raises:
             ConfigurationError: For an unknown key, a field given twice, or a bad value.
@@ -265,70 +219,60 @@ class PriceTable:
         models = dict(self._models)
         for name, value in overrides.items():
             if isinstance(value, ModelInfo):
-                models[name] = replace(value, name=name)
+                models[name] = replace(value, name=name, source=value.source or "override")
                 continue
             if not isinstance(value, Mapping):
                 msg = f"override for '{name}' must be a ModelInfo or a mapping, not {type(value).__name__}"
                 raise ConfigurationError(msg)
             base = self.get(name)
-            current = {f: getattr(base, f) for f in _INFO_FIELDS} if base else dict.fromkeys(_INFO_FIELDS)
+            current: dict[str, Any] = {f: getattr(base, f) for f in _INFO_FIELDS} if base else dict.fromkeys(_INFO_FIELDS)
             given: set[str] = set()
             for key, raw in value.items():
                 if key not in _OVERRIDE_KEYS:
                     msg = f"override for '{name}': unknown key '{key}'; use one of {', '.join(_OVERRIDE_KEYS)}"
                     raise ConfigurationError(msg)
-                field, divisor = _OVERRIDE_KEYS[key]
-                if field in given:
-                    msg = f"override for '{name}' sets {field} twice (through '{key}')"
+                target, divisor = _OVERRIDE_KEYS[key]
+                if target in given:
+                    msg = f"override for '{name}' sets {target} twice (through '{key}')"
                     raise ConfigurationError(msg)
-                given.add(field)
+                given.add(target)
                 number = _price(raw, f"override for '{name}': {key}")
-                current[field] = number / divisor if number is not None and divisor != 1.0 else raw
-            models[name] = ModelInfo(name, **current)
-        return PriceTable(models, default=self._default)
+                current[target] = number / divisor if number is not None and divisor != 1.0 else raw
+            prices_given = any(f.endswith("cost_per_token") for f in given)
+            tiers = base.tiers if base is not None and not prices_given else ()
+            source = "override" + (f" of {base.source}" if base is not None and base.source else "")
+            models[name] = ModelInfo(name, **current, tiers=tiers, source=source)
+        return self._like(models, self._default)
 
     def merged(self, other: PriceTable) -> PriceTable:
-        """A new table with ``other``'s entries (and default, if set) winning."""
+        """A new table with ``other``'s entries (and default and catalog, if set) winning."""
         default = other._default if other._default is not None else self._default
-        return PriceTable({**self._models, **other._models}, default=default)
+        table = self._like({**self._models, **other._models}, default)
+        table._catalog = other._catalog if other._catalog is not None else self._catalog
+        return table
+
+    def _like(self, models: Mapping[str, ModelInfo], default: ModelInfo | None) -> PriceTable:
+        return PriceTable(models, default=default, catalog=self._catalog)
 
     def get(self, model: str) -> ModelInfo | None:
-        """Find a model's info, forgiving provider prefixes and dated versions.
+        """Find a model's info: the table's entries first, then its catalog.
 
-        Tries, in order: the exact name; lowercase; without a provider prefix
-        (``openai/gpt-4o``, ``us.anthropic.claude-...``); without date or version
-        suffixes (``gpt-4o-2024-08-06`` -> ``gpt-4o``, ``claude-3-5-haiku-20241022``
-        -> ``claude-3-5-haiku``); then the longest known name that prefixes it at a
-        ``-`` boundary. Results are memoized.
+        Tries the exact name, then the same up to case, provider prefix (``openai/gpt-4o``,
+        ``us.anthropic.claude-...``) and snapshot date (``gpt-4o-2024-08-06`` ->
+        ``gpt-4o``); then asks the catalog. A name with another version is another model:
+        ``claude-opus-4-5`` never finds ``claude-opus-4``. Results are remembered.
 
         Returns:
             The info, or None when nothing matches.
         """
-        if model in self._models:
-            return self._models[model]
-        with self._memo_lock:
-            found = self._memo.get(model, _UNSEEN)
+        found = self._resolved.get(model, _UNSEEN)
         if found is _UNSEEN:
-            found = self._lookup(model)
-            with self._memo_lock:
-                self._memo[model] = found
+            found = self._models.get(model) or _exact_lookup(self._models, model)
+            if found is None and self._catalog is not None and model.strip():
+                found = self._catalog(model)
+            if len(self._resolved) < _MEMO_LIMIT:
+                self._resolved[model] = found
         return found  # type: ignore[return-value]
-
-    def _lookup(self, model: str) -> ModelInfo | None:
-        name = model.strip().lower()
-        if name in self._lower:
-            return self._lower[name]
-        name = _DOTTED_PROVIDER.sub("", name.rsplit("/", 1)[-1]).replace("gpt-35", "gpt-3.5")  # Azure's spelling
-        while True:
-            if name in self._lower:
-                return self._lower[name]
-            shorter = _SUFFIX.sub("", name)
-            if shorter == name or not shorter:
-                break
-            name = shorter
-        best = max((k for k in self._lower if name.startswith(k) and name[len(k):len(k) + 1] in _PREFIX_BOUNDARY),
-                   key=len, default=None)
-        return self._lower[best] if best is not None else None
 
     def require_price(self, model: str | None) -> ModelInfo:
         """The info to price ``model`` with: its own, else the table's default.
@@ -344,14 +288,16 @@ class PriceTable:
             return self._default
         label = f"model '{model}'" if model else "a call whose model name is unknown"
         example = model or "your-model"
-        msg = (f"no price for {label}, and a USD budget needs one. Add it with "
+        why = f" ({info.source})" if info is not None and info.source else ""
+        msg = (f"no price for {label}{why}, and a USD budget needs one. Add it with "
                f"PriceTable.bundled().with_overrides({{'{example}': {{'input_per_million': ..., "
-               "'output_per_million': ...}}), or give PriceTable(default=ModelInfo(...)) to charge "
-               "unknown models a fixed price.")
+               "'output_per_million': ...}}), give PriceTable(default=ModelInfo(...)) to charge "
+               "unknown models a fixed price, or upgrade genai-prices if the model is new "
+               "(`budgetguard prices MODEL` shows what is known).")
         raise UnknownModelError(msg)
 
     def context_window(self, model: str | None) -> int | None:
-        """Most prompt tokens ``model`` accepts: its own, else the default's, else None."""
+        """Most prompt and output tokens ``model`` accepts: its own, else the default's, else None."""
         info = self.get(model) if model else None
         if info is not None and info.context_window is not None:
             return info.context_window
@@ -359,8 +305,13 @@ class PriceTable:
 
     @property
     def models(self) -> Mapping[str, ModelInfo]:
-        """The entries, read-only."""
+        """The table's own entries (overrides, a LiteLLM file), read-only; the catalog is not listed."""
         return MappingProxyType(self._models)
+
+    @property
+    def skipped(self) -> Mapping[str, str]:
+        """Entries :meth:`from_litellm` left out as malformed: model name -> why."""
+        return self._skipped
 
     @property
     def default(self) -> ModelInfo | None:

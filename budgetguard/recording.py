@@ -1,7 +1,8 @@
-"""What the guard writes down: ledger records and alert checks for every metered call.
+"""What the guard writes down: a ledger record for every metered call.
 
-Kept apart from the guard so the call path only pays for what is configured: with no
-ledger and no alerts these functions are never called.
+Kept apart from the engine so the call path only pays for what is configured: with no
+ledger these functions are never called. They take what they need (the ledger, the
+price table, the time), not the guard.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from budgetguard.tickets import Call, Ticket, flat_scope
 
 if TYPE_CHECKING:
     from budgetguard.errors import BudgetExceeded
-    from budgetguard.guard import BudgetGuard
     from budgetguard.ledger import Ledger
+    from budgetguard.pricing import PriceTable
     from budgetguard.stores.base import ExpiredLease
     from budgetguard.usage import Usage
 
 __all__ = [
     "default_ledger",
-    "observe_alerts",
     "record_denied",
     "record_expired",
     "record_settled",
@@ -39,7 +39,7 @@ _INTERNAL_PREFIXES = ("budgetguard", "ls_", "lc_", "langgraph_", "checkpoint_")
 
 
 def default_ledger() -> Ledger | None:
-    """The process-wide ledger at :func:`budgetguard.ledger.default_ledger_path`, opened once.
+    """The process-wide ledger at :func:`budgetguard.ledger.default_ledger_location`, opened once.
 
     Returns ``None`` (after one warning) when it cannot be opened, so a read-only home
     directory never breaks model calls.
@@ -47,14 +47,13 @@ def default_ledger() -> Ledger | None:
     global _DEFAULT  # noqa: PLW0603
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            from budgetguard.ledger import Ledger, default_ledger_path
+            from budgetguard.ledger import Ledger, default_ledger_location
 
-            path = default_ledger_path()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _DEFAULT = Ledger(path)
+            try:  # a file (its directory is made) or a postgresql:// URL
+                _DEFAULT = Ledger(default_ledger_location())
             except Exception as exc:  # noqa: BLE001  (any failure: keep calls working)
-                logger.warning("budgetguard: cannot open the default ledger %s (%s); not recording", path, exc)
+                # the error names the file, or the URL without its password
+                logger.warning("budgetguard: cannot open the default ledger (%s); not recording", exc)
                 return None
         return _DEFAULT
 
@@ -76,19 +75,16 @@ def _user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metadata.items() if not k.startswith(_INTERNAL_PREFIXES)}
 
 
-def _cost(guard: BudgetGuard, model: str | None, inp: float, out: float, cached: float = 0) -> float | None:
-    info = guard.prices.get(model) if model else None
+def _cost(prices: PriceTable, model: str | None, inp: float, out: float, cached: float = 0) -> float | None:
+    info = prices.get(model) if model else None
     if info is None or info.input_cost_per_token is None:
         return None
     return info.cost(int(inp), int(out), int(cached))
 
 
-def _record(guard: BudgetGuard, call: Call, budgets: Sequence[str], **fields: Any) -> None:
+def _record(ledger: Any, prices: PriceTable, call: Call, budgets: Sequence[str], **fields: Any) -> None:
     from budgetguard.ledger import LedgerRecord
 
-    ledger = guard.ledger_sink()
-    if ledger is None:
-        return
     est = call.estimate
     ledger.record(
         LedgerRecord(
@@ -102,7 +98,7 @@ def _record(guard: BudgetGuard, call: Call, budgets: Sequence[str], **fields: An
             policy=call.policy,
             estimated_input_tokens=est.input_tokens,
             estimated_output_tokens=est.output_tokens,
-            reserved_usd=_cost(guard, call.model, est.input_tokens, est.output_tokens),
+            reserved_usd=_cost(prices, call.model, est.input_tokens, est.output_tokens),
             budgets=tuple(budgets),
             **fields,
         )
@@ -110,17 +106,20 @@ def _record(guard: BudgetGuard, call: Call, budgets: Sequence[str], **fields: An
 
 
 def record_settled(
-    guard: BudgetGuard,
+    ledger: Any,
+    prices: PriceTable,
     ticket: Ticket,
     usage: Usage | None,
     outcome: str,
     error: BaseException | None,
+    now: float,
 ) -> None:
-    """Record a settled call (ok, fell back, compressed, error)."""
+    """Record a settled call (ok, fell back, compressed, cached, cancelled, error)."""
     call = ticket.call
     u = usage
     _record(
-        guard,
+        ledger,
+        prices,
         call,
         [ln.budget.name for ln in ticket.lines],
         ts=ticket.started,
@@ -130,19 +129,20 @@ def record_settled(
         output_tokens=u.output_tokens if u else 0,
         cached_input_tokens=u.cached_input_tokens if u else 0,
         reasoning_tokens=u.reasoning_tokens if u else 0,
-        cost_usd=_cost(guard, call.model, u.input_tokens, u.output_tokens, u.cached_input_tokens) if u else 0.0,
-        latency_s=max(guard.clock.now() - ticket.started, 0.0),
+        cost_usd=_cost(prices, call.model, u.input_tokens, u.output_tokens, u.cached_input_tokens) if u else 0.0,
+        latency_s=max(now - ticket.started, 0.0),
         error=str(error) if error is not None else None,
     )
 
 
-def record_denied(guard: BudgetGuard, call: Call, error: BudgetExceeded) -> None:
+def record_denied(ledger: Any, prices: PriceTable, call: Call, error: BudgetExceeded, now: float) -> None:
     """Record a call the guard refused."""
     _record(
-        guard,
+        ledger,
+        prices,
         call,
         [error.budget],
-        ts=guard.clock.now(),
+        ts=now,
         model_used=None,
         outcome="denied",
         input_tokens=0,
@@ -155,13 +155,10 @@ def record_denied(guard: BudgetGuard, call: Call, error: BudgetExceeded) -> None
     )
 
 
-def record_expired(guard: BudgetGuard, lease: ExpiredLease) -> None:
+def record_expired(ledger: Any, prices: PriceTable, lease: ExpiredLease, now: float) -> None:
     """Record a reservation whose lease expired unsettled (charged as reserved)."""
     from budgetguard.ledger import LedgerRecord
 
-    ledger = guard.ledger_sink()
-    if ledger is None:
-        return
     try:
         meta = json.loads(lease.meta) if lease.meta else {}
     except ValueError:
@@ -171,7 +168,7 @@ def record_expired(guard: BudgetGuard, lease: ExpiredLease) -> None:
     model = meta.get("model")
     ledger.record(
         LedgerRecord(
-            ts=guard.clock.now(),
+            ts=now,
             run_id=lease.id,
             root_run_id=None,
             parent_run_id=None,
@@ -188,28 +185,10 @@ def record_expired(guard: BudgetGuard, lease: ExpiredLease) -> None:
             output_tokens=int(est_out),
             cached_input_tokens=0,
             reasoning_tokens=0,
-            cost_usd=_cost(guard, model, est_in, est_out),
-            reserved_usd=_cost(guard, model, est_in, est_out),
+            cost_usd=_cost(prices, model, est_in, est_out),
+            reserved_usd=_cost(prices, model, est_in, est_out),
             latency_s=None,
             budgets=tuple(meta.get("budgets") or ()),
             error="lease expired before the call was settled; charged the reserved amount",
         )
     )
-
-
-def observe_alerts(guard: BudgetGuard, ticket: Ticket) -> None:
-    """Check the soft thresholds of every bucket a settled call touched."""
-    now = guard.clock.now()
-    for ln in ticket.lines:
-        left = guard.remaining(ln.budget.name, **ln.scope)
-        bounds = ln.budget.period_bounds(now)
-        guard.alerts.observe(
-            budget=ln.budget.name,
-            scope=dict(ln.scope),
-            used=ln.budget.limit - left,
-            limit=ln.budget.limit,
-            unit=ln.budget.unit,
-            period_start=bounds[0] if bounds else None,
-            now=now,
-        )
-

@@ -19,6 +19,7 @@ from html import escape
 from typing import Any
 
 from budgetguard.ledger import Ledger
+from budgetguard.money import format_usd
 from budgetguard.ledger_query import AccuracyRow, Row, resolve_dimensions, select_top, time_range
 
 __all__ = [
@@ -47,12 +48,16 @@ HTML_CHARTS = (
 
 
 def format_cost(value: float | None, decimals: int | None = None) -> str:
-    """``$1,234.56``, ``$0.0123`` below a dollar (or fixed ``decimals``), ``-`` when unknown."""
+    """``$1,234.56``; below a dollar, three significant digits, so cheap calls stay apart.
+
+    ``$0.0123``, ``$0.000038`` (not ``$0.0000``), ``$0.05``; fixed ``decimals`` if given;
+    ``-`` when unknown.
+    """
     if value is None:
         return "-"
-    if decimals is None:
-        decimals = 2 if abs(value) >= 1 or value == 0 else 4
-    return f"${value:,.{decimals}f}"
+    if decimals is not None:
+        return f"${value:,.{decimals}f}"
+    return format_usd(value)
 
 
 def format_tokens(value: float) -> str:
@@ -144,11 +149,7 @@ def render_table(
         return header + "\nno calls recorded in this range\n"
     priced = _priced(rows)
     cells = [[_label(r.group.get(name)) for name in by] for r in rows]
-    small = any(0 < abs(r.cost_usd or 0) < 1 for r in rows)
-    numbers = [
-        [f"{r.calls:,}", format_tokens(r.total_tokens), format_cost(r.cost_usd, 4 if small else 2), f"{r.denied:,}"]
-        for r in rows
-    ]
+    numbers = [[f"{r.calls:,}", format_tokens(r.total_tokens), format_cost(r.cost_usd), f"{r.denied:,}"] for r in rows]
     heads = [*by, "calls", "tokens", "cost", "denied"]
     num_widths = [max(len(h), *(len(n[i]) for n in numbers)) for i, h in enumerate(heads[len(by) :])]
     room = width - sum(num_widths) - 2 * len(heads) - 12  # keep at least 12 columns for bars

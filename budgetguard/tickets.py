@@ -89,8 +89,10 @@ class Ticket:
         call: The call as it was reserved (after any policy).
         lines: What each budget holds.
         started: Clock time of the reservation.
-        owner: ``"sync"`` or ``"async"``: the meter that reserved it settles it.
+        owner: ``"sync"`` or ``"async"``: the callback meter that reserved it settles it.
         fail_open: The store was unreachable and the guard was told to let calls through.
+        held: Whether the store holds a reservation for it (``False`` when failing open,
+            or for a refused call that only LangChain's cache may answer).
         tried: Overflow policies tried before this reservation succeeded.
         settled: Set once the ticket is settled.
         id: The reservation id (the run id as text).
@@ -101,6 +103,7 @@ class Ticket:
     started: float
     owner: str = "sync"
     fail_open: bool = False
+    held: bool = True
     tried: tuple[str, ...] = ()
     settled: bool = False
     id: str = field(init=False)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from budgetguard.clock import FakeClock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from postgres_server import postgres_server  # noqa: E402, F401  (session fixture: a private PostgreSQL)
 
 
 @pytest.fixture(params=["sync", "async"])

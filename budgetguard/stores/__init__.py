@@ -41,6 +41,7 @@ __all__ = [
     "ReserveResult",
     "SQLiteStore",
     "Store",
+    "resolve_store",
     "store_from_url",
 ]
 
@@ -69,7 +70,8 @@ def store_from_url(url: str, *, clock: Clock | None = None, **options: Any) -> S
         **options: Passed to the store's constructor.
 
     Raises:
-        ConfigurationError: The URL's scheme is not one of the above.
+        ConfigurationError: The URL's scheme is not one of the above, or a Redis URL has a
+            port or database out of range or a database that is not a number.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -89,6 +91,45 @@ def store_from_url(url: str, *, clock: Clock | None = None, **options: Any) -> S
     if scheme in ("redis", "rediss", "unix"):
         from budgetguard.stores.redis import RedisStore
 
-        return RedisStore(url, **options)
+        return RedisStore(url, **options)  # checks the URL first
     msg = f"unknown store scheme {scheme!r} in {url!r}; use memory://, sqlite:///path or redis://host:port/db"
+    raise ConfigurationError(msg)
+
+
+_STORE_HINT = "use a URL ('memory://', 'sqlite:///budgets.db', 'redis://host:6379/0'), a MemoryStore, SQLiteStore or \
+RedisStore, or None for a MemoryStore"
+
+
+def resolve_store(store: Store | str | None, clock: Clock | None = None) -> Store:
+    """The store a guard's ``store=`` argument names, checked before anything is built.
+
+    Args:
+        store: A URL (see :func:`store_from_url`), a :class:`Store`, or None for a
+            :class:`MemoryStore`.
+        clock: Time source for a store this function builds.
+
+    Returns:
+        The store: ``store`` itself when it is one, else a new one.
+
+    Raises:
+        ConfigurationError: If ``store`` is none of these (the message lists what it
+            lacks), or its URL is wrong. Nothing is created or connected when it is raised.
+
+    Example:
+        >>> resolve_store(42)
+        Traceback (most recent call last):
+        ...
+        budgetguard.errors.ConfigurationError: store=42 (int) is not a store; use a URL ('memory://', \
+'sqlite:///budgets.db', 'redis://host:6379/0'), a MemoryStore, SQLiteStore or RedisStore, or None for a MemoryStore
+    """
+    if store is None:
+        return MemoryStore(clock=clock)
+    if isinstance(store, str):
+        return store_from_url(store, clock=clock)
+    if isinstance(store, Store):
+        return store
+    missing = [name for name in ("reserve", "settle", "snapshot", "sweep", "close", "areserve")
+               if not callable(getattr(store, name, None))]
+    lacks = f", it has no {', '.join(missing)}" if len(missing) < 6 else ""  # an int: nothing to list
+    msg = f"store={store!r} ({type(store).__name__}) is not a store{lacks}; {_STORE_HINT}"
     raise ConfigurationError(msg)

@@ -80,6 +80,7 @@ from budgetguard.stores.base import (
     ReserveRequest,
     ReserveResult,
 )
+from budgetguard.stores.redis_url import check_redis_url
 
 __all__ = ["RedisStore"]
 
@@ -224,6 +225,7 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._aclient: redis.asyncio.Redis | None = async_client
         if isinstance(url_or_client, str):
+            check_redis_url(url_or_client)  # a bad port or database fails here, not on the first call
             self._url = url_or_client
             self._options = {
                 "socket_timeout": socket_timeout,

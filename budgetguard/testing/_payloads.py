@@ -148,7 +148,7 @@ def tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         args = call.get("arguments", {})
         function = {
             "name": call["name"],
-            "arguments": args if isinstance(args, str) else json.dumps(args),
+            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
         }
         out.append(
             {"id": call.get("id") or f"call_stub_{i}", "type": "function", "function": function}

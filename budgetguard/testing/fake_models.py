@@ -6,6 +6,8 @@ For unit tests and benchmarks: no HTTP, no latency. Integration tests use
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -45,6 +47,8 @@ class UsageFakeChatModel(BaseChatModel):
     """When streaming, raise after this many chunks."""
     on_call: Any = None
     """Called with no arguments while each request is 'in flight' (tests peek at budgets)."""
+    latency: float = 0.0
+    """Seconds each request takes before it answers (async: ``asyncio.sleep``)."""
     seen_max_tokens: list[int | None] = Field(default_factory=list)
     """The output cap each request was sent with."""
     seen_messages: list[list[BaseMessage]] = Field(default_factory=list)
@@ -93,6 +97,21 @@ class UsageFakeChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self.latency:
+            time.sleep(self.latency)
+        text, usage = self._reply(messages, kwargs)
+        msg = AIMessage(content=text, usage_metadata=usage if self.report_usage else None)  # type: ignore[arg-type]
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.latency:
+            await asyncio.sleep(self.latency)
         text, usage = self._reply(messages, kwargs)
         msg = AIMessage(content=text, usage_metadata=usage if self.report_usage else None)  # type: ignore[arg-type]
         return ChatResult(generations=[ChatGeneration(message=msg)])

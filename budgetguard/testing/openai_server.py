@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from budgetguard.testing import _payloads, _tokens
+from budgetguard.testing import _behaviour, _payloads, _tokens
 from budgetguard.testing._http import Handler, HTTPError, LocalHTTPServer, error_body
 from budgetguard.testing._payloads import OMIT, Choice
 
@@ -77,7 +77,8 @@ class ScriptedResponse:
         finish_reason: force this finish_reason on every choice.
         tool_calls: ``[{"name": ..., "arguments": dict | str, "id": optional}]`` to answer
             with tool calls (finish_reason ``tool_calls``); their name and arguments count
-            as completion tokens.
+            as completion tokens. Unscripted, the server calls a bound tool or answers in
+            JSON when the request asks the way a capable model would (see ``_behaviour``).
         reasoning_tokens: override the server's reasoning tokens for reasoning models.
     """
 
@@ -419,6 +420,7 @@ class StubOpenAIServer:
         reasoning: int,
     ) -> Choice:
         enc = _tokens.encoding()
+        wanted_calls = script.tool_calls
         if script.reply is not None:
             text = script.reply
         elif script.tool_calls:
@@ -427,6 +429,8 @@ class StubOpenAIServer:
             text = self.reply_fn(body)
         elif self.default_reply is not None:
             text = self.default_reply
+        elif (decided := _behaviour.answer(body, prompt_text)) is not None:
+            text, wanted_calls = decided.text, decided.tool_calls
         else:
             text = _tokens.generate_reply(prompt_text, self.reply_tokens)
         stops = body.get("stop")
@@ -434,8 +438,8 @@ class StubOpenAIServer:
             if stop and stop in text:
                 text = text[: text.index(stop)]
         finish, calls, call_tokens = "stop", None, 0
-        if script.tool_calls:
-            finish, calls = "tool_calls", _payloads.tool_calls(script.tool_calls)
+        if wanted_calls:
+            finish, calls = "tool_calls", _payloads.tool_calls(wanted_calls)
             call_tokens = sum(
                 _tokens.n_tokens(c["function"]["name"] + c["function"]["arguments"]) for c in calls
             )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.messages import HumanMessage
 from period_rules import rule_ending_at
 
 from budgetguard.clock import FakeClock
@@ -608,3 +609,84 @@ async def test_a_guard_reserves_borrows_and_reconciles_through_the_store(h: Harn
     assert guard.remaining("pool") == pytest.approx(94.0, abs=1e-9)
     assert guard.remaining("g") == pytest.approx(974.0, abs=1e-9)
     assert h.store.open_reservations() == 0
+
+
+async def test_every_ending_through_a_guard_on_this_store(h: Harness) -> None:
+    """The one settlement rule on this store: completed, stopped stream, failed, cancelled."""
+    from budgetguard import Budget, BudgetGuard
+    from budgetguard.testing.fake_models import UsageFakeChatModel
+
+    guard = BudgetGuard([Budget("g", limit=10_000)], store=h.store, clock=h.clock, ledger=False)
+    model = UsageFakeChatModel(model_name="gpt-4", replies=["alpha beta gamma delta"], input_tokens=12, max_tokens=20)
+    copy = guard.model(model)
+    prompt = guard.estimator.count_messages([HumanMessage("hi")], "gpt-4")
+
+    async def left() -> float:
+        return guard.remaining("g") if h.mode == "sync" else await guard.aremaining("g")
+
+    # completed: the reported usage
+    await (asyncio.to_thread(copy.invoke, "hi") if h.mode == "sync" else copy.ainvoke("hi"))
+    assert h.near(await left(), 10_000 - (12 + 4))
+    # stopped after the first chunk: the prompt estimate and the chunk, on the spot
+    before = await left()
+    if h.mode == "sync":
+        stream = copy.stream("hi")
+        next(stream)
+        stream.close()
+    else:
+        astream = copy.astream("hi")
+        await anext(astream)
+        await astream.aclose()
+    assert h.store.open_reservations() == 0
+    assert h.near(await left(), before - (prompt + 1))
+    # failed before any output: nothing
+    before = await left()
+    broken = guard.model(model.model_copy(update={"fail_with": ConnectionError("refused")}))
+    with pytest.raises(ConnectionError):
+        await (asyncio.to_thread(broken.invoke, "hi") if h.mode == "sync" else broken.ainvoke("hi"))
+    assert h.near(await left(), before)
+    # cancelled while the model works: the prompt estimate, on the spot
+    if h.mode == "async":
+        before = await left()
+        slow = guard.model(model.model_copy(update={"latency": 5.0}))
+        task = asyncio.create_task(slow.ainvoke("hi"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert h.store.open_reservations() == 0
+        assert h.near(await left(), before - prompt)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_call_cancelled_while_its_store_reserves_holds_nothing(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The store finishes a reservation whatever becomes of the task awaiting it (SQLite works in
+    a thread): a call cancelled meanwhile must not leave it held until its lease expires. (Async
+    only: nothing cancels a sync call but Ctrl-C.)"""
+    from budgetguard import Budget, BudgetGuard
+    from budgetguard.testing.fake_models import UsageFakeChatModel
+
+    clock = FakeClock()
+    store = make_store(kind, request, tmp_path, clock)
+    h = Harness(store, "async", None if kind == "redis" else clock)
+    guard = BudgetGuard([Budget("g", limit=10_000)], store=h.store, clock=h.clock, ledger=False)
+    model = UsageFakeChatModel(model_name="gpt-4", input_tokens=10, max_tokens=5)
+    slow_reserve = h.store.areserve
+
+    async def slowly(request: ReserveRequest) -> ReserveResult:
+        result = await slow_reserve(request)  # committed: then the caller is cancelled
+        await asyncio.sleep(0.3)
+        return result
+
+    h.store.areserve = slowly  # type: ignore[method-assign]
+    task = asyncio.create_task((guard | model).ainvoke("hi"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert model.calls == 0
+    assert h.store.open_reservations() == 0
+    assert h.near(guard.remaining("g"), 10_000)
+    await store.aclose() if hasattr(store, "aclose") else store.close()

@@ -21,6 +21,8 @@ def test_demo_transcript_shows_every_decision(tmp_path: Path, capsys) -> None:
     assert "BudgetExceeded: budget 'per-user' (user_id=carol) cannot cover this call" in text
     assert "answered by gpt-4o-mini (policy: cheaper_model)" in text
     assert "context-length errors received: 0" in text
+    assert "the model asked for the get_weather tool" in text and "the model answered" in text  # the agent scene
+    assert "nothing raised:" in text and "I have to stop here: the budget 'per-user'" in text
     rows = {r["user"]: r for r in (row.to_dict() for row in open_ledger(ledger).totals(by="user"))}
     assert set(rows) >= {"alice", "bob", "carol", "erin"}  # dave's guard has no per-user budget
     assert rows["carol"]["denied"] == 1
@@ -38,3 +40,25 @@ def test_cli_status_reads_a_guard(tmp_path: Path, monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "500" in out and "resets" in out and "user_id=alice" in out
     assert main(["status", "nomodule:guard"]) == 1
+
+
+def test_cli_status_says_a_memory_store_cannot_see_other_processes(tmp_path: Path, monkeypatch, capsys) -> None:
+    from budgetguard.cli import main
+
+    (tmp_path / "memguard.py").write_text(
+        "from budgetguard import BudgetGuard, Budget\n"
+        "guard = BudgetGuard([Budget('g', limit=500)], ledger=False)\n"
+    )
+    db = tmp_path / "budgets.db"
+    (tmp_path / "sqlguard.py").write_text(
+        "from budgetguard import BudgetGuard, Budget\n"
+        f"guard = BudgetGuard([Budget('g', limit=500)], store='sqlite:///{db}', ledger=False)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["status", "memguard:guard"]) == 0
+    out, err = capsys.readouterr()
+    assert "500" in out
+    assert "memguard:guard keeps its budgets in memory" in err and "whatever your application's processes" in err
+    assert "sqlite:///" in err and "redis://" in err
+    assert main(["status", "sqlguard:guard"]) == 0
+    assert capsys.readouterr().err == ""  # a shared store: nothing to warn about

@@ -25,7 +25,7 @@ WRITER = textwrap.dedent(
     from budgetguard.ledger import Ledger, LedgerRecord
 
     path, tag, count, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    ledger = Ledger(path if path != "-" else None, batch_size=batch, flush_interval=60.0)
+    ledger = Ledger(path if path != "-" else None, batch_size=batch)
     for i in range(count):
         ledger.record(LedgerRecord(
             ts=1793491200.0 + i, run_id=f"{tag}-{i}", root_run_id=f"{tag}-root", parent_run_id=None,
@@ -34,13 +34,10 @@ WRITER = textwrap.dedent(
             output_tokens=5, cached_input_tokens=0, reasoning_tokens=0, cost_usd=0.001, reserved_usd=0.002,
             latency_s=0.1, budgets=("b",)))
     if len(sys.argv) > 5 and sys.argv[5] == "hang":
-        ledger.flush()
-        print("flushed", flush=True)
-        for i in range(count, count + batch - 1):  # below batch size: queued, never written (killed)
-            ledger.record(LedgerRecord.from_dict({"ts": 1793491200.0 + i, "run_id": f"{tag}-{i}", "outcome": "ok"}))
+        print("recorded", flush=True)
         import time
-        time.sleep(60)
-    # exit normally WITHOUT ledger.close(): atexit must flush the queue
+        time.sleep(60)  # killed here: every record() that returned must be in the file
+    # exit normally WITHOUT ledger.close()
     """
 )
 
@@ -67,7 +64,7 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None) -> subp
 @pytest.mark.parametrize("name", ["ledger.sqlite3", "ledger.jsonl"])
 def test_records_survive_an_exit_without_close_and_a_restart(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
-    # batch size larger than the count and a 60 s interval: everything is still queued at exit
+    # a batch size larger than the count: each record is its own write, none waits for exit
     run_python(WRITER, str(path), "alice", "700", "100000")
     run_python(WRITER, str(path), "bob", "300", "100000")  # a second run appends to the same file
     from_other_process = json.loads(run_python(READER, str(path)).stdout)
@@ -110,32 +107,34 @@ def test_concurrent_processes_append_to_one_sqlite_file_without_loss(tmp_path: P
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-def test_killed_process_keeps_what_it_flushed(tmp_path: Path) -> None:
-    path = tmp_path / "killed.sqlite3"
+@pytest.mark.parametrize("name", ["killed.sqlite3", "killed.jsonl"])
+def test_killed_process_keeps_every_record_it_recorded(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path), "dave", "400", "50", "hang"],
+        [sys.executable, "-c", WRITER, str(path), "dave", "449", "50", "hang"],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "flushed"
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "recorded"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     with open_ledger(path) as ledger:
-        assert ledger.totals()[0].calls == 400
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert ledger.totals()[0].calls == 449
+    if name.endswith(".sqlite3"):
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_does_not_rewrite_parent_records(tmp_path: Path) -> None:
     path = tmp_path / "fork.sqlite3"
-    ledger = Ledger(SQLiteSink(path), batch_size=10_000, flush_interval=60.0)
+    ledger = Ledger(SQLiteSink(path), batch_size=10_000)
     base = LedgerRecord.from_dict({"ts": 1793491200.0, "run_id": "parent-0", "outcome": "ok"})
-    ledger.record(base)  # still queued when we fork
+    ledger.record(base)  # stored before we fork
     pid = os.fork()
-    if pid == 0:  # child: its copy of the queue must be empty, and it gets its own connection
+    if pid == 0:  # child: it gets its own connection and writes only its own record
         code = 0
         try:
             ledger.record(LedgerRecord.from_dict({"ts": 1793491201.0, "run_id": "child-0", "outcome": "ok"}))
@@ -155,8 +154,8 @@ def test_interpreter_exit_flushes_every_open_ledger(tmp_path: Path) -> None:
         """
         import sys
         from budgetguard.ledger import Ledger, LedgerRecord
-        a = Ledger(sys.argv[1], flush_interval=60.0)
-        b = Ledger(sys.argv[2], flush_interval=60.0)
+        a = Ledger(sys.argv[1])
+        b = Ledger(sys.argv[2])
         for led, name in ((a, "a"), (b, "b")):
             led.record(LedgerRecord.from_dict({"ts": 1.0, "run_id": name, "outcome": "ok"}))
         """
@@ -168,7 +167,7 @@ def test_interpreter_exit_flushes_every_open_ledger(tmp_path: Path) -> None:
 
 
 def test_close_is_quick_when_idle() -> None:
-    ledger = Ledger(MemorySink(), flush_interval=60.0)
+    ledger = Ledger(MemorySink())
     ledger.record(LedgerRecord.from_dict({"ts": 1.0, "run_id": "x", "outcome": "ok"}))
     start = time.perf_counter()
     ledger.close()

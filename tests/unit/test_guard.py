@@ -12,7 +12,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnableParallel
 
-import budgetguard.metered
+import budgetguard.lcel
 from budgetguard import (
     Budget,
     BudgetExceeded,
@@ -31,7 +31,7 @@ from budgetguard.testing.fake_models import UsageFakeChatModel, UsageFakeLLM
 def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs with the models metered in place and through the callback meters."""
     if request.param == "callbacks":
-        monkeypatch.setattr(budgetguard.metered, "meter_in_place", lambda runnable, guard: None)
+        monkeypatch.setattr(budgetguard.lcel, "reach_models", lambda runnable, engine: runnable)
     return str(request.param)
 
 
@@ -53,7 +53,7 @@ def test_guard_or_chain_returns_a_runnable_like_the_chain(metering: str) -> None
     guard = BudgetGuard([Budget("g", limit=1000)])
     chain = PROMPT | model() | StrOutputParser()
     guarded = guard | chain
-    assert guarded.in_place is (metering == "in-place")  # the fixture's switch really switches
+    assert guarded.covered is (metering == "in-place")  # the fixture's switch really switches
     assert guarded.get_name() == chain.get_name()
     assert guarded.get_input_jsonschema() == chain.get_input_jsonschema()
     assert guarded.get_output_jsonschema() == chain.get_output_jsonschema()
@@ -289,8 +289,12 @@ async def test_output_cap_bound_on_the_model_is_what_is_reserved(run: Any) -> No
 
 def test_threads_sharing_one_guard_never_overspend() -> None:
     guard = BudgetGuard([Budget("g", limit=2000)])
-    chain = guard | (PROMPT | model(input_tokens=30, max_tokens=20, replies=["w " * 19 + "w"]))
-    need = prompt_tokens(guard) + 20
+    # The model uses what was reserved: a call that used more could overdraw the bucket by
+    # the difference whenever calls overlap (the ledger's write before each settle widens
+    # the overlap), which is estimation, not what this test is about.
+    used_in = prompt_tokens(guard)
+    chain = guard | (PROMPT | model(input_tokens=used_in, max_tokens=20, replies=["w " * 19 + "w"]))
+    need = used_in + 20
     ok, denied = [], []
 
     def worker() -> None:
@@ -307,9 +311,9 @@ def test_threads_sharing_one_guard_never_overspend() -> None:
     for t in threads:
         t.join()
     assert len(ok) + len(denied) == 80
-    assert guard.remaining("g") == 2000 - 50 * len(ok)
+    assert guard.remaining("g") == 2000 - need * len(ok)
     assert guard.remaining("g") >= 0
-    assert len(ok) >= 2000 // max(need, 50) - 1
+    assert len(ok) == 2000 // need
 
 
 async def test_asyncio_tasks_sharing_one_guard_never_overspend() -> None:
@@ -374,14 +378,14 @@ def test_tickets_and_calls_copy_and_pickle() -> None:
 
     from langchain_core.messages import HumanMessage
 
-    from budgetguard.meter import build_call
+    from budgetguard.settlement import Ending
 
     guard = BudgetGuard(
         [Budget("g", limit=1000), Budget("u", limit=50, per="user_id", borrow_from="pool"), Budget("pool", limit=99)],
         ledger=False,
     )
-    call = build_call(
-        guard, run_id=uuid.uuid4(), model="gpt-4o-mini", params={"max_tokens": 5}, messages=[HumanMessage("hi")],
+    call = guard.new_call(
+        run_id=uuid.uuid4(), model="gpt-4o-mini", params={"max_tokens": 5}, messages=[HumanMessage("hi")],
         prompts=None, scopes=guard.scopes_for(ALICE), tags=None, metadata=None, parent_run_id=None, root_run_id=None,
     )  # fmt: skip
     ticket = guard.reserve(call)
@@ -390,4 +394,45 @@ def test_tickets_and_calls_copy_and_pickle() -> None:
         fields = dataclasses.asdict(record)
         assert dataclasses.asdict(pickle.loads(pickle.dumps(record))) == fields
         assert dataclasses.asdict(copy.deepcopy(record)) == fields
-    guard.settle(ticket, None, outcome="ok")
+    guard.end(ticket, Ending(None, RuntimeError("not sent"), sent=False))
+    assert guard.store.open_reservations() == 0
+
+
+async def test_a_settle_the_store_cannot_take_keeps_the_answer(
+    run: Any, clock: FakeClock, caplog: Any, tmp_path: Any
+) -> None:
+    """The provider answered; the store failed on the settle. The caller gets the answer (it got
+    StoreUnavailable: the paid-for answer was lost), the reservation is charged when its lease
+    expires, and the ledger agrees with the store."""
+    from budgetguard.errors import StoreUnavailable
+    from budgetguard.ledger import Ledger
+    from budgetguard.stores import MemoryStore
+
+    class Blip(MemoryStore):
+        failures = 1
+
+        def settle(self, rid: str, actuals: Any) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("connection reset")
+            return super().settle(rid, actuals)
+
+        async def asettle(self, rid: str, actuals: Any) -> bool:
+            return self.settle(rid, actuals)
+
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        guard = BudgetGuard([Budget("g", limit=10_000)], store=Blip(clock=clock), clock=clock, ledger=ledger,
+                            lease_seconds=60)  # fmt: skip
+        chain = guard | (PROMPT | model(replies=["fine answer"], input_tokens=10, max_tokens=20))
+        with caplog.at_level("ERROR", logger="budgetguard"):
+            msg = await run.invoke(chain, {"q": "hi"})
+        assert msg.content == "fine answer" and "could not settle" in caplog.text
+        assert guard.store.open_reservations() == 1
+        clock.advance(61)
+        await run.invoke(chain, {"q": "hi"})  # its reservation sweeps the first call's lease
+        assert guard.store.open_reservations() == 0
+        spent = 10_000 - guard.remaining("g")
+        assert spent == (prompt_tokens(guard) + 20) + (10 + 2)  # the first at its reservation
+        records = list(ledger.records())
+        assert sorted(r.outcome for r in records) == ["expired", "ok"]
+        assert sum(r.input_tokens + r.output_tokens for r in records) == spent

@@ -1,4 +1,4 @@
-"""Unit tests of the ledger: records, sinks, the background writer and queries.
+"""Unit tests of the ledger: records, sinks, the writer (durable on return, shared writes) and queries.
 
 Query results are checked against totals computed by hand from ``SAMPLE`` (the numbers in
 the tests are written out, not recomputed), on every sink.
@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -102,17 +103,31 @@ SAMPLE = [
 ]  # fmt: skip
 
 
-def make_sink(kind: str, tmp_path: Path) -> Any:
-    return {
-        "sqlite": lambda: SQLiteSink(tmp_path / "ledger.sqlite3"),
-        "jsonl": lambda: JSONLSink(tmp_path / "ledger.jsonl"),
-        "memory": MemorySink,
-    }[kind]()
+SINKS = ["sqlite", "jsonl", "memory", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
-@pytest.fixture(params=["sqlite", "jsonl", "memory"])
-def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    led = Ledger(make_sink(request.param, tmp_path))
+@pytest.fixture
+def make_sink(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """``make_sink(kind)``: a new, empty sink; PostgreSQL ones each in a schema of their own."""
+
+    def make(kind: str) -> Any:
+        if kind == "postgres":
+            from budgetguard.ledger_postgres import PostgresSink
+
+            server = request.getfixturevalue("postgres_server")
+            return PostgresSink(server.url, schema=f"t_{uuid.uuid4().hex[:12]}")
+        return {
+            "sqlite": lambda: SQLiteSink(tmp_path / "ledger.sqlite3"),
+            "jsonl": lambda: JSONLSink(tmp_path / "ledger.jsonl"),
+            "memory": MemorySink,
+        }[kind]()
+
+    return make
+
+
+@pytest.fixture(params=SINKS)
+def ledger(request: pytest.FixtureRequest, make_sink: Any) -> Any:
+    led = Ledger(make_sink(request.param))
     for r in SAMPLE:
         led.record(r)
     yield led
@@ -155,10 +170,10 @@ def test_from_dict_rejects_broken_records_clearly() -> None:
 # -- sinks: completeness and round trip ------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "jsonl", "memory"])
-def test_every_sink_round_trips_every_field(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", SINKS)
+def test_every_sink_round_trips_every_field(kind: str, make_sink: Any) -> None:
     with_text = [replace(r, prompt=f"p{i}", completion=f"c{i}") for i, r in enumerate(SAMPLE)]
-    led = Ledger(make_sink(kind, tmp_path), store_text=True)
+    led = Ledger(make_sink(kind), store_text=True)
     for r in reversed(with_text):
         led.record(r)
     assert list(led.records()) == sorted(with_text, key=lambda r: r.ts)
@@ -303,12 +318,11 @@ def test_totals_by_user(ledger: Ledger) -> None:
 def test_totals_by_model_and_day(ledger: Ledger) -> None:
     rows = ledger.totals(by="model")
     assert pick(rows, "model", "calls", "input_tokens", "output_tokens", "denied", "unpriced_calls") == [
-        ("gpt-4o", 5, 5300, 950, 0, 0),
+        ("gpt-4o", 7, 5300, 950, 2, 0),  # the two denied calls asked for gpt-4o: they count there
         ("gpt-4o-mini", 2, 1100, 350, 0, 0),
         ("local-llama", 1, 800, 200, 0, 1),
-        (None, 2, 0, 0, 2, 0),
     ]
-    assert [r.cost_usd for r in rows] == pytest.approx([0.02275, 0.000375, None, 0.0])
+    assert [r.cost_usd for r in rows] == pytest.approx([0.02275, 0.000375, None])
     days = ledger.totals(by="day")
     assert pick(days, "day", "calls", "input_tokens", "output_tokens", "denied", "errors") == [
         ("2026-11-01", 4, 2500, 600, 1, 0),
@@ -363,9 +377,9 @@ def test_metadata_groups_keep_types(ledger: Ledger) -> None:
 def test_multi_dimension_and_where(ledger: Ledger) -> None:
     rows = ledger.totals(by=("day", "model"))
     assert pick(rows, "day", "model", "calls") == [
-        ("2026-11-01", "gpt-4o", 2), ("2026-11-01", "gpt-4o-mini", 1), ("2026-11-01", None, 1),
+        ("2026-11-01", "gpt-4o", 3), ("2026-11-01", "gpt-4o-mini", 1),
         ("2026-11-02", "gpt-4o", 2), ("2026-11-02", "local-llama", 1),
-        ("2026-11-03", "gpt-4o", 1), ("2026-11-03", "gpt-4o-mini", 1), ("2026-11-03", None, 1),
+        ("2026-11-03", "gpt-4o", 2), ("2026-11-03", "gpt-4o-mini", 1),
     ]  # fmt: skip
     assert ledger.totals(where={"user": "alice", "tag": "prod"})[0].calls == 3
     assert ledger.totals(where={"model": ["gpt-4o-mini", "local-llama"]})[0].calls == 3
@@ -446,10 +460,11 @@ def test_rows_serialise_flat(ledger: Ledger) -> None:
     assert json.loads(json.dumps(data)) == data
 
 
-def test_sinks_answer_identically(tmp_path: Path) -> None:
+@pytest.mark.postgres
+def test_sinks_answer_identically(make_sink: Any) -> None:
     answers = []
-    for kind in ("sqlite", "jsonl", "memory"):
-        led = Ledger(make_sink(kind, tmp_path))
+    for kind in ("sqlite", "jsonl", "memory", "postgres"):
+        led = Ledger(make_sink(kind))
         for r in SAMPLE:
             led.record(r)
         answers.append(
@@ -460,25 +475,29 @@ def test_sinks_answer_identically(tmp_path: Path) -> None:
             + [[r.to_dict() for r in led.accuracy(by="feature")]]
         )
         led.close()
-    assert answers[0] == answers[1] == answers[2]
+    assert answers[0] == answers[1] == answers[2] == answers[3]
 
 
-# -- the writer: non-blocking, batching, failures ------------------------------------------
+# -- the writer: durable on return, shared writes, failures ------------------------------
 
 
 class FlakySink(MemorySink):
-    """Fails its first ``failures`` writes."""
+    """Fails its first ``failures`` writes; remembers the size of each write."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int = 0, delay: float = 0.0) -> None:
         super().__init__()
         self.failures = failures
+        self.delay = delay
         self.calls = 0
+        self.sizes: list[int] = []
 
     def write(self, records: Any) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             raise OSError("disk on fire")
+        time.sleep(self.delay)
         super().write(records)
+        self.sizes.append(len(records))
 
 
 def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
@@ -490,39 +509,74 @@ def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
     return False
 
 
-def test_batch_size_and_interval_trigger_writes() -> None:
-    sink = MemorySink()
-    led = Ledger(sink, batch_size=10, flush_interval=60)
-    for r in SAMPLE:
+@pytest.mark.parametrize("kind", SINKS)
+def test_a_record_is_stored_when_record_returns(kind: str, make_sink: Any) -> None:
+    led = Ledger(make_sink(kind))
+    for n, r in enumerate(SAMPLE, 1):
         led.record(r)
-    assert wait_for(lambda: len(sink.records) == 10)
+        # read back through the sink itself: no flush(), no writer thread to wait for
+        assert len(list(led.sink.read())) == n
+    assert led.pending == 0
     led.close()
-    sink2 = MemorySink()
-    led2 = Ledger(sink2, batch_size=1000, flush_interval=0.05)
-    led2.record(SAMPLE[0])
-    assert wait_for(lambda: len(sink2.records) == 1)
-    led2.close()
+
+
+def test_concurrent_records_share_writes() -> None:
+    sink = FlakySink(delay=0.01)  # a slow sink: callers pile up behind each write
+    led = Ledger(sink)
+    stored_on_return: list[bool] = []
+
+    def work(t: int) -> None:
+        for i in range(20):
+            led.record(replace(SAMPLE[0], run_id=f"{t}-{i}"))
+            ids = {r.run_id for r in sink.read()}
+            stored_on_return.append(f"{t}-{i}" in ids)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(stored_on_return) == 160 and all(stored_on_return)
+    assert len(sink.records) == 160
+    # While one write runs, the other seven callers queue their records; the next write takes
+    # them all (about 1 + 7 per two writes: 40 writes, not 80 or more).
+    assert sum(sink.sizes) == 160 and len(sink.sizes) <= 50
+    led.close()
 
 
 def test_failing_sink_keeps_records_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
     sink = FlakySink(failures=2)
-    led = Ledger(sink, batch_size=4, flush_interval=0.01)
+    led = Ledger(sink, batch_size=4, retry_interval=0.01)
     with caplog.at_level(logging.WARNING, logger="budgetguard"):
+        start = time.perf_counter()
         for r in SAMPLE:
-            led.record(r)  # never raises
-        with pytest.raises(LedgerError, match="disk on fire"):
-            led.flush()
-        assert wait_for(lambda: led.pending == 0)  # the writer retries with backoff
+            led.record(r)  # never raises; after the first failure, does not even try the sink
+        assert time.perf_counter() - start < 1.0
+        assert wait_for(lambda: led.pending == 0)  # the retry thread writes them, with backoff
         led.flush()
-    assert [r.run_id for r in sink.records] == [r.run_id for r in SAMPLE]
+        assert sorted(r.run_id for r in sink.records) == sorted(r.run_id for r in SAMPLE)
+        assert max(sink.sizes) <= 4  # kept records go in writes of batch_size
+        led.record(replace(SAMPLE[0], run_id="after"))  # the sink works again: stored on return
+        assert "after" in {r.run_id for r in sink.records}
     assert caplog.text.count("disk on fire") == 1  # logged once, not per retry
     assert "recovered" in caplog.text
     led.close()
 
 
+def test_flush_raises_while_the_sink_fails() -> None:
+    sink = FlakySink(failures=10**9)
+    led = Ledger(sink, retry_interval=60)
+    led.record(SAMPLE[0])
+    assert led.pending == 1
+    with pytest.raises(LedgerError, match="disk on fire"):
+        led.flush()
+    led.close(timeout=2)
+    assert led.dropped == 1
+
+
 def test_queue_is_bounded_when_sink_never_recovers(caplog: pytest.LogCaptureFixture) -> None:
     sink = FlakySink(failures=10**9)
-    led = Ledger(sink, batch_size=2, flush_interval=0.01, max_pending=5)
+    led = Ledger(sink, batch_size=2, retry_interval=0.01, max_pending=5)
     with caplog.at_level(logging.WARNING, logger="budgetguard"):
         for i in range(50):
             led.record(replace(SAMPLE[0], run_id=f"x{i}"))
@@ -555,10 +609,10 @@ def test_malformed_record_is_dropped_without_blocking_others() -> None:
 
 def test_record_is_thread_safe() -> None:
     sink = MemorySink()
-    led = Ledger(sink, batch_size=64, flush_interval=0.01)
+    led = Ledger(sink, batch_size=64)
 
     def work(t: int) -> None:
-        for i in range(1000):
+        for i in range(500):
             led.record(replace(SAMPLE[0], run_id=f"{t}-{i}"))
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
@@ -566,25 +620,81 @@ def test_record_is_thread_safe() -> None:
         t.start()
     for t in threads:
         t.join()
-    led.flush()
     ids = [r.run_id for r in sink.records]
-    assert len(ids) == 8000 and len(set(ids)) == 8000
+    assert len(ids) == 4000 and len(set(ids)) == 4000
     led.close()
 
 
-def test_record_does_not_wait_for_a_slow_sink() -> None:
-    class SlowSink(MemorySink):
-        def write(self, records: Any) -> None:
-            time.sleep(0.3)
-            super().write(records)
+# -- one record per run: an expired lease replaces the charge ----------------------------
 
-    led = Ledger(SlowSink(), batch_size=64, flush_interval=0.01)
+CALL = rec(
+    42, D1 + 5 * HOUR, root_run_id="rootX", scope=u("dora"), tags=("prod",), metadata={"feature": "chat"},
+    input_tokens=300, output_tokens=40, cost_usd=0.0012, reserved_usd=0.004, estimated_input_tokens=320,
+    estimated_output_tokens=500, latency_s=1.5,
+)  # fmt: skip
+SWEPT = rec(
+    42, D1 + 6 * HOUR, outcome="expired", model_requested="gpt-4o", input_tokens=320, output_tokens=500,
+    cost_usd=0.004, reserved_usd=0.004, estimated_input_tokens=320, estimated_output_tokens=500, latency_s=None,
+    budgets=("per-user",), error="lease expired before the call was settled; charged the reserved amount",
+)  # fmt: skip
+MERGED = replace(
+    CALL, outcome="expired", input_tokens=320, output_tokens=500, cost_usd=0.004, error=SWEPT.error
+)  # what the call was (CALL) and what the store charged (SWEPT)
+
+
+@pytest.mark.parametrize("kind", SINKS)
+@pytest.mark.parametrize(
+    ("writes", "expected"),
+    [
+        ([CALL, SWEPT], MERGED),  # killed after recording, before settling; swept later
+        ([SWEPT, CALL], MERGED),  # swept while slow; its late record keeps the sweep's charge
+        ([CALL, SWEPT, SWEPT, CALL], MERGED),  # repeats change nothing
+        ([SWEPT], SWEPT),  # killed before recording
+        ([CALL, CALL], CALL),  # a write retried
+    ],
+    ids=["call-then-sweep", "sweep-then-call", "repeats", "sweep-only", "call-twice"],
+)
+def test_one_record_per_run_and_the_sweep_charge_wins(
+    kind: str, writes: list[LedgerRecord], expected: LedgerRecord, make_sink: Any
+) -> None:
+    led = Ledger(make_sink(kind))
+    for w in writes:
+        led.record(w)
     led.record(SAMPLE[0])
-    time.sleep(0.05)  # the writer is now inside the slow write
-    start = time.perf_counter()
-    for r in SAMPLE:
-        led.record(r)
-    assert time.perf_counter() - start < 0.05
+    assert [r for r in led.records() if r.run_id == "r42"] == [expected]
+    total = led.totals()[0]
+    assert (total.calls, total.input_tokens) == (2, expected.input_tokens + SAMPLE[0].input_tokens)
+    led.close()
+
+
+def test_several_records_in_one_write_follow_the_same_rule() -> None:
+    sink = MemorySink()
+    sink.write([CALL, SWEPT, SAMPLE[0], SWEPT])
+    assert [r for r in sink.records if r.run_id == "r42"] == [MERGED]
+
+
+def test_a_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    from budgetguard.ledger_sql import SQLITE
+    from budgetguard.ledger_sql import to_row as row_of
+
+    path = tmp_path / "v1.sqlite3"
+    with sqlite3.connect(path) as conn:  # a ledger as budgetguard 0.1 wrote it (no run_key)
+        for statement in SQLITE.migrations()[1]:
+            conn.execute(statement)
+        conn.execute("PRAGMA application_id = 1111968839")
+        conn.execute("PRAGMA user_version = 1")
+        old = [CALL, replace(SWEPT, run_id="dup"), replace(CALL, run_id="dup"), SAMPLE[0]]
+        columns = ", ".join(["?"] * (len(row_of(CALL)) - 1))
+        conn.executemany(f"INSERT INTO calls VALUES (NULL, {columns})", [row_of(r)[:-1] for r in old])
+    led = Ledger(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        keys = dict(conn.execute("SELECT id, run_key FROM calls"))
+    assert keys == {1: "r42", 2: None, 3: None, 4: "r1"}  # a repeated run id: history, kept as it was
+    assert led.totals()[0].calls == 4
+    led.record(SWEPT)  # the rule applies to a migrated row
+    assert [r for r in led.records() if r.run_id == "r42"] == [MERGED]
+    assert led.totals()[0].calls == 4
     led.close()
 
 

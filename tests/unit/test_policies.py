@@ -229,3 +229,69 @@ async def test_with_fallbacks_on_budget_exceeded_is_the_plain_langchain_alternat
 def test_bad_policy_configuration(factory: Any, fragment: str) -> None:
     with pytest.raises(ConfigurationError, match=fragment):
         factory()
+
+
+async def test_a_ladder_model_object_answers_within_what_was_reserved_for_it(run: Any) -> None:
+    """A rung with no cap of its own is sent the call's cap: it answered 500 tokens against the
+    50 reserved, taking the USD budget below zero."""
+    long = " ".join(["w"] * 500)
+    big = model(model_name="gpt-4o", max_tokens=50, replies=[long], input_tokens=10)
+    small = model(model_name="gpt-4o-mini", replies=[long], input_tokens=10)  # no cap of its own
+    guard = BudgetGuard([Budget("usd", limit=0.0001, unit="usd")], policies=[cheaper_model({"gpt-4o": [small]})])
+    msg = await run.invoke(guard | big, "hi")
+    assert msg.response_metadata["budgetguard"]["model"] == "gpt-4o-mini"
+    assert small.seen_max_tokens == [50] and msg.usage_metadata["output_tokens"] == 50
+    assert guard.remaining("usd") >= 0
+
+
+async def test_a_summary_is_charged_to_the_run_of_the_call_it_compresses(run: Any, tmp_path: Any) -> None:
+    """The summarizer's own call belongs to the run whose prompt it compresses (it was charged to
+    a new run's bucket, so a per-run budget saw less than the run spent)."""
+    from budgetguard.ledger import Ledger
+
+    summarizer = model(model_name="gpt-4o-mini", replies=["short summary"], input_tokens=30)
+    llm = model(model_name="tiny-ctx", max_tokens=10, input_tokens=20)
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        guard = BudgetGuard(
+            [Budget("per-run", limit=10_000, per="run")],
+            prices=TINY,
+            policies=[compress_prompt("summarize", summarizer=summarizer, summary_max_tokens=20)],
+            ledger=ledger,
+        )
+        await run.invoke(guard | llm, history(6))
+        records = list(ledger.records())
+    assert summarizer.calls == 1 and len(records) == 2
+    assert len({r.scope["run"] for r in records}) == 1
+    assert guard.remaining("per-run", run=records[0].scope["run"]) == 10_000 - (30 + 2) - (20 + 3)
+
+
+async def test_policies_act_on_a_model_inside_with_retry(run: Any) -> None:
+    """LangChain's wrappers of one runnable (with_retry) are bindings too: the guard reaches the
+    model in them and a rewriting policy acts (it fell back to callbacks and was refused)."""
+    llm = model(replies=["ok"], input_tokens=10, max_tokens=500)
+    guard = BudgetGuard([Budget("g", limit=200)], policies=[cap_output(min_output_tokens=5)])
+    chain = guard | (PROMPT | llm).with_retry(stop_after_attempt=2)
+    assert chain.covered
+    await run.invoke(chain, {"q": "hi"})
+    assert llm.calls == 1 and llm.seen_max_tokens[0] < 200
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+async def test_a_guarded_chain_inside_runnable_with_message_history(run: Any) -> None:
+    """RunnableWithMessageHistory calls its chain from inside a lambda, out of the guard's reach;
+    guard the chain it wraps (as the README says) and the policies act, history and all."""
+    from langchain_core.chat_history import InMemoryChatMessageHistory
+    from langchain_core.prompts import MessagesPlaceholder
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+
+    llm = model(replies=["ok"], input_tokens=10, max_tokens=500)
+    prompt = ChatPromptTemplate.from_messages([MessagesPlaceholder("history"), ("human", "{q}")])
+    histories: dict[str, InMemoryChatMessageHistory] = {}
+    guard = BudgetGuard([Budget("g", limit=200)], policies=[cap_output(min_output_tokens=5)])
+    chat = RunnableWithMessageHistory(
+        guard | (prompt | llm), lambda sid: histories.setdefault(sid, InMemoryChatMessageHistory()),
+        input_messages_key="q", history_messages_key="history",
+    )  # fmt: skip
+    await run.invoke(chat, {"q": "hi"}, {"configurable": {"session_id": "s"}})
+    assert llm.calls == 1 and llm.seen_max_tokens[0] < 200
+    assert len(histories["s"].messages) == 2

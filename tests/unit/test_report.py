@@ -97,6 +97,9 @@ def test_formatters() -> None:
         "$0.0123",
         "$1,234.50",
     )
+    assert [format_cost(v) for v in (0.5, 0.05, 0.002, 0.0000375, 0.000037456, -0.0123, 0.99951)] == [
+        "$0.50", "$0.05", "$0.002", "$0.0000375", "$0.0000375", "-$0.0123", "$1.00"]
+    assert format_cost(0.0000375, 4) == "$0.0000"  # fixed decimals when asked for
     assert (format_tokens(950), format_tokens(12_345), format_tokens(4_560_000), format_tokens(2e9)) == (
         "950",
         "12.3k",
@@ -111,7 +114,7 @@ def test_table_fits_80_columns_with_proportional_bars(ledger_path: Path, capsys:
     lines = out.splitlines()
     assert all(len(line) <= 80 for line in lines), [len(line) for line in lines]
     assert lines[0] == "2026-11-01 00:01 → 2026-11-03 00:07 (UTC)"
-    assert lines[1] == "7 calls · $0.5930 · 1 denied · 1 error"
+    assert lines[1] == "7 calls · $0.593 · 1 denied · 1 error"
     body = {line.split()[0]: line for line in lines[5:] if line and not line.startswith(("note", "…"))}
     assert set(body) == {"alice", "bob", "<script>alert(1)</script>", "(none)"}
     bars = {user: line.count("█") for user, line in body.items()}
@@ -130,9 +133,33 @@ def test_table_uses_tokens_when_nothing_is_priced() -> None:
 def test_table_top_mentions_hidden_groups(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = cli(["--ledger", str(ledger_path), "--by", "model", "--top", "2"], capsys)
     assert code == 0
-    assert "… 2 more groups not shown" in out
+    assert "… 1 more groups not shown" in out  # gpt-4o, gpt-4o-mini, local-llama: the denied call is gpt-4o's
     assert [line.split()[0] for line in out.splitlines()[5:7]] == ["gpt-4o", "gpt-4o-mini"]
 
+
+def test_a_denied_call_keeps_its_model(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # rec 4 asked for gpt-4o and was refused before it was sent: it counts under gpt-4o, not "(none)".
+    code, out, _ = cli(["--ledger", str(ledger_path), "--by", "model"], capsys)
+    assert code == 0 and "(none)" not in out
+    gpt4o = next(line for line in out.splitlines() if line.startswith("gpt-4o "))
+    assert gpt4o.split()[1:5] == ["4", "3.90k", "$0.59", "1"]  # calls, tokens, cost, denied
+    rows = python_rows(ledger_path, by="model")
+    assert {r["model"]: r["denied"] for r in rows} == {"gpt-4o": 1, "gpt-4o-mini": 0, "local-llama": 0}
+    assert python_rows(ledger_path, by="model_requested")[0]["model_requested"] == "gpt-4o"
+
+
+def test_cheap_calls_are_told_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 100-token calls to gpt-4o-mini cost fractions of a cent; four decimals printed all of them as $0.0000.
+    path = tmp_path / "cheap.sqlite3"
+    with Ledger(SQLiteSink(path)) as led:
+        led.record(rec(1, 0, "alice", "gpt-4o-mini", 0.0000375))
+        led.record(rec(2, 0, "bob", "gpt-4o-mini", 0.000075))
+        led.record(rec(3, 0, "carol", "gpt-4o-mini", 0.0000031))
+    code, out, _ = cli(["--ledger", str(path), "--by", "user"], capsys)
+    assert code == 0
+    costs = {line.split()[0]: line.split()[3] for line in out.splitlines()[5:8]}
+    assert costs == {"alice": "$0.0000375", "bob": "$0.000075", "carol": "$0.0000031"}
+    assert out.splitlines()[1] == "3 calls · $0.000116 · 0 denied"
 
 # -- json / csv equal the Python query ------------------------------------------------------
 
@@ -294,13 +321,13 @@ def test_html_has_one_bar_per_group_and_the_totals(
     groups = {chart: [b["data-group"] for b in bars] for chart, bars in parser.bars.items()}
     assert sorted(groups["day"]) == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert sorted(groups["user"]) == sorted(["alice", "bob", EVIL, "(none)"])
-    assert sorted(groups["model"]) == sorted(["gpt-4o", "gpt-4o-mini", "local-llama", "(none)"])
+    assert sorted(groups["model"]) == sorted(["gpt-4o", "gpt-4o-mini", "local-llama"])  # denied: its model
     assert sorted(groups["feature"]) == sorted(["summarizer", "chat", EVIL, "(none)"])
     assert sorted(groups["tag"]) == sorted(["prod", "beta", "batch", EVIL, "(none)"])
     user_values = {b["data-group"]: float(b["data-value"]) for b in parser.bars["user"]}
     assert user_values == pytest.approx({"alice": 0.051, "bob": 0.002, EVIL: 0.04, "(none)": 0.5})
     assert parser.totals == {
-        "Total cost": "$0.5930", "Calls": "7", "Tokens": "7.80k", "Denied calls": "1", "Errors": "1",
+        "Total cost": "$0.593", "Calls": "7", "Tokens": "7.80k", "Denied calls": "1", "Errors": "1",
         "Calls without a price": "1",
     }  # fmt: skip
     assert parser.accuracy_rows == 1 + 3  # header + gpt-4o, gpt-4o-mini, local-llama

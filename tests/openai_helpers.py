@@ -1,0 +1,17 @@
+"""The real ``ChatOpenAI`` client pointed at a test module's private OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_openai import ChatOpenAI
+
+from budgetguard.testing import StubOpenAIServer
+
+__all__ = ["chat"]
+
+
+def chat(server: StubOpenAIServer, model: str = "gpt-4", **kw: Any) -> ChatOpenAI:
+    """``ChatOpenAI`` on ``server``, no retries, 50 output tokens unless told otherwise."""
+    kw.setdefault("max_tokens", 50)
+    return ChatOpenAI(model=model, base_url=server.base_url, api_key="sk-test", max_retries=0, **kw)
