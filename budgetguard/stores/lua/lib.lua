@@ -17,11 +17,18 @@
 --            read as format 2 without rules.
 --   next     a lower bound of the earliest lease expiry (absent: unknown). Reserve only
 --            probes the expiry zset once the server clock reaches it.
+--   j:<id>   a journal entry: a lease swept and not yet acknowledged (cmsgpack of its meta
+--            and its charged amounts, the reply's text)
+--   journal  how many entries the journal holds (absent: none). Reserve reads it with its
+--            one HMGET, so an empty journal costs nothing.
 -- KEYS[2], the expiry zset: reservation id by lease expiry (server time).
 -- KEYS[3], the full zset: bucket hex by the server time at which the bucket, as last
 --   written, is full again (written only for buckets no lease holds). A bucket that is
 --   full and unheld grants what a new one grants, so forget() deletes it once its time
 --   has come (any write since would have moved or dropped its time; a hold is checked).
+-- KEYS[4], the journal zset: swept reservation id by when it was swept (server time). A
+--   sweep moves each lease it charges into the journal; reserve and sweep report the
+--   oldest entries until acknowledge.lua drops them (see base.py: the journal).
 -- Numbers handed to redis.call are written by Redis with '%.17g' (exact); numbers in
 -- replies go out through fmt() for the same reason (Lua's tostring keeps 14 digits).
 --
@@ -34,7 +41,7 @@
 -- false == false.
 
 local now = 0
-local state_key, expiry_key, full_key = KEYS[1], KEYS[2], KEYS[3]
+local state_key, expiry_key, full_key, journal_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local tonumber, unpack, pack, mmin, floor = tonumber, unpack, cmsgpack.pack, math.min, math.floor
 local huge = math.huge
 
@@ -369,9 +376,41 @@ local function settle_lease(v, actuals, first)
   return finals
 end
 
--- Settle every lease due by now at its reserved amount (at most `limit` per call: a crash
--- of many workers is swept over several calls). The buckets are kept for the next flush().
--- Returns {id, meta, amounts, ...}, the set of swept ids and the new earliest expiry.
+-- The journal's size into the state hash's `journal` field (absent when empty).
+local function count_journal()
+  local size = redis.call('ZCARD', journal_key)
+  if size > 0 then
+    redis.call('HSET', state_key, 'journal', size)
+  else
+    redis.call('HDEL', state_key, 'journal')
+  end
+  return size
+end
+
+-- base.JOURNAL_REPORT: journal entries one reserve or sweep reports at most.
+local JOURNAL_REPORT = 100
+
+-- The journal's oldest entries (at most JOURNAL_REPORT): {id, meta, amounts, ...}.
+local function report()
+  local ids = redis.call('ZRANGE', journal_key, 0, JOURNAL_REPORT - 1)
+  local out = {}
+  if #ids == 0 then return out end
+  local fields = {}
+  for i, id in ipairs(ids) do fields[i] = 'j:' .. id end
+  local raws = redis.call('HMGET', state_key, unpack(fields))
+  for i, id in ipairs(ids) do
+    if raws[i] then
+      local meta, amounts = cmsgpack.unpack(raws[i])
+      out[#out + 1], out[#out + 2], out[#out + 3] = id, meta, amounts
+    end
+  end
+  return out
+end
+
+-- Settle every lease due by now at its reserved amount into the journal (at most `limit`
+-- per call: a crash of many workers is swept over several calls). The buckets are kept for
+-- the next flush(); the journal is written here. Returns the set of swept ids, the new
+-- earliest expiry and the journal's new size (nil: unchanged).
 local function sweep(limit)
   local function join(values)
     local parts = {}
@@ -379,7 +418,7 @@ local function sweep(limit)
     return table.concat(parts, ',')
   end
   local ids = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now, 'LIMIT', 0, limit)
-  local out, swept = {}, {}
+  local swept, size = {}, nil
   if #ids > 0 then
     local fields = {}
     for i, id in ipairs(ids) do fields[i] = 'r:' .. id end
@@ -392,21 +431,27 @@ local function sweep(limit)
       end
     end
     load_fields(want)
+    local entries, members, n = {}, {}, 0
     for i, id in ipairs(ids) do
       swept[id] = true
       local lease = leases[i]
       if lease then
         local finals = settle_lease(lease, nil, 1)
-        out[#out + 1] = id
-        out[#out + 1] = lease[2]
-        out[#out + 1] = join(finals)
+        entries[n + 1], entries[n + 2] = 'j:' .. id, pack(lease[2], join(finals))
+        members[n + 1], members[n + 2] = now, id
+        n = n + 2
       end
     end
     redis.call('HDEL', state_key, unpack(fields))
     redis.call('ZREM', expiry_key, unpack(ids))
+    if n > 0 then
+      redis.call('HSET', state_key, unpack(entries, 1, n))
+      redis.call('ZADD', journal_key, unpack(members, 1, n))
+      size = count_journal()
+    end
   end
   local first = redis.call('ZRANGE', expiry_key, 0, 0, 'WITHSCORES')  -- the new earliest expiry
-  return out, swept, first[2] and tonumber(first[2]) or nil
+  return swept, first[2] and tonumber(first[2]) or nil, size
 end
 
 local SWEEP_LIMIT = 500
