@@ -57,13 +57,13 @@ from typing import Protocol, runtime_checkable
 from budgetguard.periods import PeriodRule
 
 __all__ = [
+    "JOURNAL_REPORT",
     "BucketSpec",
     "BucketState",
     "Charge",
     "Denial",
     "ExpiredLease",
     "Held",
-    "JOURNAL_REPORT",
     "ReserveRequest",
     "ReserveResult",
     "Source",

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 from budgetguard.clock import Clock, SystemClock
 from budgetguard.stores.base import (
+    JOURNAL_REPORT,
     BucketSpec,
     BucketState,
     ExpiredLease,
     Held,
-    JOURNAL_REPORT,
     ReserveRequest,
     ReserveResult,
     StateGetter,

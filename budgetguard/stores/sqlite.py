@@ -77,11 +77,11 @@ from budgetguard.errors import ConfigurationError, StoreUnavailable
 from budgetguard.periods import PeriodRule
 from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.base import (
+    JOURNAL_REPORT,
     BucketSpec,
     BucketState,
     ExpiredLease,
     Held,
-    JOURNAL_REPORT,
     ReserveRequest,
     ReserveResult,
     apply_reserve,
