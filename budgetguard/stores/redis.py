@@ -120,10 +120,17 @@ class _Scripts:
 
 
 def _register(client: Any, kind: type[Script] = Script) -> _Scripts:
-    # Each script is lib.lua (the shared arithmetic) followed by its own body.
+    # Each script is lib.lua (the shared arithmetic), sweeping.lua for the scripts that sweep
+    # or report the journal, then its own body.
     # KEYS: the namespace's four keys (snapshot: the state hash only).
-    names = (("reserve.lua", 4), ("settle.lua", 4), ("snapshot.lua", 1), ("sweep.lua", 4), ("acknowledge.lua", 4))
-    return _Scripts(*(kind(client, _lua("lib.lua") + "\n" + _lua(name), numkeys) for name, numkeys in names))
+    scripts = (
+        (("lib.lua", "sweeping.lua", "reserve.lua"), 4),
+        (("lib.lua", "settle.lua"), 4),
+        (("lib.lua", "snapshot.lua"), 1),
+        (("lib.lua", "sweeping.lua", "sweep.lua"), 4),
+        (("lib.lua", "sweeping.lua", "acknowledge.lua"), 4),
+    )
+    return _Scripts(*(kind(client, "\n".join(map(_lua, files)), numkeys) for files, numkeys in scripts))
 
 
 def _expired(items: Sequence[Any]) -> tuple[ExpiredLease, ...]:
