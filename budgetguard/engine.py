@@ -28,7 +28,7 @@ from budgetguard.budgets import MODEL_UNITS, RUN_SCOPE, Budget
 from budgetguard.clock import Clock, SystemClock
 from budgetguard.errors import BudgetExceeded, ConfigurationError, ContextWindowExceeded, StoreUnavailable
 from budgetguard.estimate import CallShape, TokenEstimator
-from budgetguard.flow import Flow, OverflowPolicy, Reserve, adrive, drive
+from budgetguard.flow import Acknowledge, Flow, OverflowPolicy, Reserve, adrive, drive
 from budgetguard.pricing import PriceTable
 from budgetguard.settlement import INTERRUPTED_CHARGES, Ending, Settlement, describe, settle_rule
 from budgetguard.stores import Store, resolve_store
@@ -343,7 +343,7 @@ class BudgetEngine:
                     ticket.held = False
                     return ticket
                 if result.expired:
-                    self.on_expired(result.expired)
+                    yield from self.report_expired(result.expired)
                 if result.ok:
                     return ticket
                 assert result.denial is not None
@@ -389,7 +389,7 @@ class BudgetEngine:
         """Reserve ``lines`` exactly as they are, or raise ``BudgetExceeded`` naming ``what``."""
         result = yield Reserve(ReserveRequest(hold_id, tuple(lines), self.lease_seconds))
         if result.expired:
-            self.on_expired(result.expired)
+            yield from self.report_expired(result.expired)
         if not result.ok:
             assert result.denial is not None
             error = self.denial_error(what, lines, result.denial)
@@ -547,8 +547,19 @@ class BudgetEngine:
         if self.alerts is not None:
             self.alerts.denied(error)
 
+    def report_expired(self, expired: Sequence[ExpiredLease]) -> Flow[None]:
+        """Record the swept leases a store reported, then acknowledge them.
+
+        Each record is stored when :meth:`on_expired` returns; only then may the store
+        drop the lease from its journal. A process killed in between leaves it there, and
+        the next call of any process records it (again: the ledger keeps one record per
+        run, see :mod:`budgetguard.ledger_sql`).
+        """
+        self.on_expired(expired)
+        yield Acknowledge(tuple(lease.id for lease in expired))
+
     def on_expired(self, expired: Iterable[ExpiredLease]) -> None:
-        """Log leases that expired unsettled (charged at their reserved amounts)."""
+        """Log and record leases that expired unsettled (charged at their reserved amounts)."""
         for lease in expired:
             logger.warning(
                 "budgetguard: reservation %s expired unsettled; charged the reserved %s", lease.id, lease.amounts

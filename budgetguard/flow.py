@@ -9,9 +9,11 @@ so every rule below holds identically in sync and async code:
 * :class:`Peek` → ``store.snapshot`` / ``await store.asnapshot`` (what budgets can afford)
 * :class:`Sleep` → ``clock.sleep`` / ``await clock.asleep``
 * :class:`Invoke` → ``runnable.invoke`` / ``await runnable.ainvoke`` (a summarizer call)
+* :class:`Acknowledge` → ``store.acknowledge`` / a task that awaits ``store.aacknowledge``
 
 A store failure is thrown back into the generator, which decides between failing closed
-(raise :class:`~budgetguard.errors.StoreUnavailable`) and failing open.
+(raise :class:`~budgetguard.errors.StoreUnavailable`) and failing open; a failure to
+acknowledge is only logged (see :class:`Acknowledge`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,18 @@ if TYPE_CHECKING:
     from budgetguard.pricing import PriceTable
     from budgetguard.tickets import Call, Line
 
-__all__ = ["Flow", "Invoke", "OverflowPolicy", "Peek", "PolicyContext", "Reserve", "Sleep", "adrive", "drive"]
+__all__ = [
+    "Acknowledge",
+    "Flow",
+    "Invoke",
+    "OverflowPolicy",
+    "Peek",
+    "PolicyContext",
+    "Reserve",
+    "Sleep",
+    "adrive",
+    "drive",
+]
 
 logger = logging.getLogger("budgetguard")
 
@@ -71,7 +84,21 @@ class Invoke:
     config: RunnableConfig | None = field(default=None)
 
 
-Op = Reserve | Peek | Sleep | Invoke
+@dataclass(frozen=True, slots=True)
+class Acknowledge:
+    """Tell the store that these swept leases are recorded (it stops reporting them);
+    the flow receives ``None``.
+
+    Nothing is lost if this fails or never happens: the store keeps reporting the leases,
+    and recording one again changes nothing. So a failure is logged, never thrown into
+    the flow, and :func:`adrive` acknowledges in a task of its own rather than awaiting it
+    (see :func:`_acknowledge_soon`).
+    """
+
+    ids: tuple[str, ...]
+
+
+Op = Reserve | Peek | Sleep | Invoke | Acknowledge
 Flow = Generator[Op, Any, T]
 
 
@@ -152,6 +179,8 @@ def drive(flow: Flow[T], store: Store, clock: Clock) -> T:
                 send = tuple(store.snapshot(spec).level for spec in op.specs)
             elif isinstance(op, Sleep):
                 clock.sleep(op.seconds)
+            elif isinstance(op, Acknowledge):
+                _acknowledge(store, op.ids)
             else:
                 send = op.runnable.invoke(op.input, op.config)
         except (StoreUnavailable, BudgetExceeded) as exc:
@@ -184,6 +213,8 @@ async def adrive(flow: Flow[T], store: Store, clock: Clock) -> T:
                 send = tuple([(await store.asnapshot(spec)).level for spec in op.specs])
             elif isinstance(op, Sleep):
                 await clock.asleep(op.seconds)
+            elif isinstance(op, Acknowledge):
+                _acknowledge_soon(store, op.ids)
             else:
                 send = await op.runnable.ainvoke(op.input, op.config)
         except (StoreUnavailable, BudgetExceeded) as exc:
@@ -195,8 +226,9 @@ async def _areserve(flow: Flow[Any], store: Store, request: ReserveRequest) -> A
 
     A store that works in a thread (SQLite, a sync Redis client) or over a connection commits
     the reservation whatever becomes of the task waiting for it. So on cancellation the store's
-    answer is still awaited and shown to the flow (which records any leases it swept), and a
-    reservation it made is released: nothing was sent.
+    answer is still awaited and shown to the flow (which records any swept leases it reports;
+    they are left unacknowledged, so the store reports them again), and a reservation it
+    made is released: nothing was sent.
     """
     task = asyncio.ensure_future(store.areserve(request))
     try:
@@ -216,3 +248,40 @@ async def _areserve(flow: Flow[Any], store: Store, request: ReserveRequest) -> A
         if result.ok:
             await store.asettle(request.id, tuple(0.0 for _ in request.charges))
         raise
+
+
+def _acknowledge(store: Store, ids: tuple[str, ...]) -> None:
+    try:
+        store.acknowledge(ids)
+    except StoreUnavailable as exc:
+        _unacknowledged(ids, exc)
+
+
+_ACKNOWLEDGING: set[asyncio.Task[None]] = set()
+"""Acknowledgements in flight (the loop keeps only weak references to tasks)."""
+
+
+def _acknowledge_soon(store: Store, ids: tuple[str, ...]) -> None:
+    """Acknowledge in a task: an await in the flow would be a cancellation point between a
+    reservation and the ticket that settles it (a call cancelled there would leave its
+    reservation held, charged in full when its lease expired). A task the loop never runs
+    (it closes first) costs only a second report of the same leases."""
+    task = asyncio.get_running_loop().create_task(_aacknowledge(store, ids))
+    _ACKNOWLEDGING.add(task)
+    task.add_done_callback(_ACKNOWLEDGING.discard)
+
+
+async def _aacknowledge(store: Store, ids: tuple[str, ...]) -> None:
+    try:
+        await store.aacknowledge(ids)
+    except StoreUnavailable as exc:
+        _unacknowledged(ids, exc)
+
+
+def _unacknowledged(ids: tuple[str, ...], error: StoreUnavailable) -> None:
+    logger.warning(
+        "budgetguard: could not acknowledge %d recorded expired lease(s) (%s); the store reports them again "
+        "and they are recorded once more (the ledger keeps one record per run)",
+        len(ids),
+        error,
+    )

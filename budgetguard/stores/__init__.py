@@ -128,8 +128,8 @@ def resolve_store(store: Store | str | None, clock: Clock | None = None) -> Stor
         return store_from_url(store, clock=clock)
     if isinstance(store, Store):
         return store
-    missing = [name for name in ("reserve", "settle", "snapshot", "sweep", "close", "areserve")
-               if not callable(getattr(store, name, None))]
-    lacks = f", it has no {', '.join(missing)}" if len(missing) < 6 else ""  # an int: nothing to list
+    wanted = ("reserve", "settle", "snapshot", "sweep", "close", "areserve", "acknowledge")
+    missing = [name for name in wanted if not callable(getattr(store, name, None))]
+    lacks = f", it has no {', '.join(missing)}" if len(missing) < len(wanted) else ""  # an int: nothing to list
     msg = f"store={store!r} ({type(store).__name__}) is not a store{lacks}; {_STORE_HINT}"
     raise ConfigurationError(msg)

@@ -9,6 +9,16 @@ reservations (leases). Every store runs the same three operations atomically:
   settle). The rule: an expired reservation is charged at the reserved amount and
   reported as ``expired``.
 
+The swept-lease journal: a sweep moves each lease it charges into the store's journal,
+in the same atomic step, and every reserve and sweep reports the journal's entries (at
+most :data:`JOURNAL_REPORT` per call, oldest sweeps first) until someone acknowledges
+them (:meth:`Store.acknowledge`). The guard acknowledges once their ``expired`` ledger
+records are stored, so a process killed between a sweep and its records leaves them for
+the next caller to record instead of losing them. Several callers may report and record
+the same entry meanwhile: the ledger keeps one record per run, and acknowledging twice
+changes nothing. The journal is almost always empty, and each store reads a marker it
+already fetches (never a query of its own) to know so.
+
 :class:`MemoryStore` and :class:`SQLiteStore` apply the pure functions below inside a
 lock or a transaction; the Redis store runs the same rules as Lua scripts (the contract
 suite checks they agree).
@@ -47,6 +57,7 @@ from typing import Protocol, runtime_checkable
 from budgetguard.periods import PeriodRule
 
 __all__ = [
+    "JOURNAL_REPORT",
     "BucketSpec",
     "BucketState",
     "Charge",
@@ -129,9 +140,20 @@ class Denial:
     retry_after: float | None
 
 
+JOURNAL_REPORT = 100
+"""Journal entries one reserve or sweep reports at most (the rest on later calls)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExpiredLease:
-    """A reservation settled by a sweep because its lease ran out."""
+    """A reservation settled by a sweep because its lease ran out: an entry of the store's
+    journal, reported by every reserve and sweep until acknowledged.
+
+    Attributes:
+        id: The reservation id (the guard's run id: the ledger records it under that id).
+        amounts: What the sweep charged, per charge (the reserved amounts).
+        meta: The lease's meta text (see :attr:`ReserveRequest.meta`).
+    """
 
     id: str
     amounts: tuple[float, ...]
@@ -140,7 +162,14 @@ class ExpiredLease:
 
 @dataclass(frozen=True, slots=True)
 class ReserveResult:
-    """Outcome of :meth:`Store.reserve`."""
+    """Outcome of :meth:`Store.reserve`.
+
+    Attributes:
+        ok: Whether every charge was reserved.
+        denial: Why not, when ``ok`` is false.
+        expired: The journal's unacknowledged entries (at most :data:`JOURNAL_REPORT`),
+            the leases this call swept included; reported on a denial too.
+    """
 
     ok: bool
     denial: Denial | None = None
@@ -398,7 +427,8 @@ class Store(Protocol):
     """
 
     def reserve(self, request: ReserveRequest) -> ReserveResult:
-        """Reserve every charge of ``request`` or none; also sweeps expired leases."""
+        """Reserve every charge of ``request`` or none; also sweeps expired leases and
+        reports the journal (see :class:`ReserveResult`)."""
         ...
 
     def settle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
@@ -410,7 +440,13 @@ class Store(Protocol):
         ...
 
     def sweep(self) -> tuple[ExpiredLease, ...]:
-        """Settle every reservation whose lease has expired, at its reserved amount."""
+        """Settle every reservation whose lease has expired, at its reserved amount, into
+        the journal; return the journal's unacknowledged entries (at most
+        :data:`JOURNAL_REPORT`)."""
+        ...
+
+    def acknowledge(self, ids: Sequence[str]) -> None:
+        """Drop journal entries whose records are stored; unknown ids are ignored."""
         ...
 
     def close(self) -> None:
@@ -431,6 +467,10 @@ class Store(Protocol):
 
     async def asweep(self) -> tuple[ExpiredLease, ...]:
         """Async :meth:`sweep`."""
+        ...
+
+    async def aacknowledge(self, ids: Sequence[str]) -> None:
+        """Async :meth:`acknowledge`."""
         ...
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import threading
 from collections.abc import Sequence
 
 from budgetguard.clock import Clock, SystemClock
 from budgetguard.stores.base import (
+    JOURNAL_REPORT,
     BucketSpec,
     BucketState,
     ExpiredLease,
@@ -45,6 +47,9 @@ class MemoryStore:
     lost is the forgotten bucket's ``spent`` (a snapshot reads 0 again, as for a new
     bucket): that is the ledger's job.
 
+    Swept leases wait in a journal until acknowledged, as on every store (this one dies
+    with its process, but callers get one contract).
+
     Args:
         clock: Time source (inject :class:`~budgetguard.clock.FakeClock` in tests).
     """
@@ -57,6 +62,8 @@ class MemoryStore:
         # Earliest lease expiry among open reservations; a sweep scans only the
         # (few) open reservations, and only once this moment has passed.
         self._next_expiry = math.inf
+        # Swept leases until acknowledged, oldest sweep first (see base: the journal).
+        self._journal: dict[str, ExpiredLease] = {}
         # Forgetting full buckets: when each scheduled bucket should be full again (a heap
         # of (time, key, spec), one entry per key in _scheduled), and how many open
         # reservations hold each bucket (a held bucket is kept).
@@ -82,21 +89,24 @@ class MemoryStore:
 
         return get
 
-    def _sweep_locked(self, now: float) -> tuple[ExpiredLease, ...]:
+    def _sweep_locked(self, now: float) -> None:
+        """Charge every due lease at its reserved amount, into the journal."""
         if now < self._next_expiry:
-            return ()
-        expired: list[ExpiredLease] = []
+            return
         get = self._getter(now)
         next_expiry = math.inf
         for rid, (held, expires, request) in list(self._open.items()):
             if expires <= now:
                 del self._open[rid]
-                expired.append(ExpiredLease(rid, apply_settle(get, held, None), request.meta_text()))
+                self._journal[rid] = ExpiredLease(rid, apply_settle(get, held, None), request.meta_text())
                 self._release(held, now)
             elif expires < next_expiry:
                 next_expiry = expires
         self._next_expiry = next_expiry
-        return tuple(expired)
+
+    def _journal_locked(self) -> tuple[ExpiredLease, ...]:
+        """The journal's oldest unacknowledged entries (at most ``JOURNAL_REPORT``)."""
+        return tuple(itertools.islice(self._journal.values(), JOURNAL_REPORT))
 
     def _hold(self, held: list[Held]) -> None:
         holds = self._holds
@@ -178,7 +188,9 @@ class MemoryStore:
         """Reserve all charges or none (see :func:`~budgetguard.stores.base.apply_reserve`)."""
         now = self.clock.now()
         with self._lock:
-            expired = self._sweep_locked(now) if now >= self._next_expiry else ()
+            if now >= self._next_expiry:
+                self._sweep_locked(now)
+            expired = self._journal_locked() if self._journal else ()
             if request.id in self._open:
                 msg = f"reservation id {request.id!r} is already open"
                 raise ValueError(msg)
@@ -223,12 +235,19 @@ class MemoryStore:
             return refresh(stored.copy() if stored is not None else None, spec, now)
 
     def sweep(self) -> tuple[ExpiredLease, ...]:
-        """Settle expired leases at their reserved amounts; forget every full, unheld bucket."""
+        """Settle expired leases at their reserved amounts into the journal and report it;
+        forget every full, unheld bucket."""
         now = self.clock.now()
         with self._lock:
-            expired = self._sweep_locked(now)
+            self._sweep_locked(now)
             self._forget_locked(now, math.inf)
-        return expired
+            return self._journal_locked()
+
+    def acknowledge(self, ids: Sequence[str]) -> None:
+        """Drop these entries from the journal (their records are stored)."""
+        with self._lock:
+            for rid in ids:
+                self._journal.pop(rid, None)
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled."""
@@ -253,6 +272,10 @@ class MemoryStore:
     async def asweep(self) -> tuple[ExpiredLease, ...]:
         """Same as :meth:`sweep` (no I/O)."""
         return self.sweep()
+
+    async def aacknowledge(self, ids: Sequence[str]) -> None:
+        """Same as :meth:`acknowledge` (no I/O)."""
+        self.acknowledge(ids)
 
     async def aclose(self) -> None:
         """Nothing to release."""

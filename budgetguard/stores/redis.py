@@ -13,15 +13,23 @@ connection. A store built from a URL takes its connections from a
 ``BlockingConnectionPool``: when ``max_connections`` are in use a call waits up to
 ``pool_timeout`` for one, then raises :class:`~budgetguard.errors.StoreUnavailable`.
 
-Key layout (three keys with one hash tag, so every script works on Redis Cluster)::
+Key layout (four keys with one hash tag, so every script works on Redis Cluster)::
 
     {ns}:state    hash: b:<hex> bucket (msgpack: level, updated_at, period_start, spent,
                                 holds: the open leases holding it)
                         k:<hex> the bucket's readable key (debugging)
                         r:<id>  open reservation (lease, msgpack)
                         next    lower bound of the earliest lease expiry
+                        j:<id>  journal entry: a swept lease not yet acknowledged
+                                (msgpack: meta, charged amounts)
+                        journal how many entries the journal holds (absent: none)
     {ns}:expiries zset: reservation id by lease expiry (server time)
     {ns}:full     zset: bucket <hex> by when it is full again, for buckets no lease holds
+    {ns}:journal  zset: swept reservation id by when it was swept (absent when empty)
+
+The journal (see :mod:`.base`): a sweep moves each lease it charges into the journal in
+the same script; reserve reads the ``journal`` field with the fields it reads anyway, and
+reports the oldest entries only when it is set. :meth:`RedisStore.acknowledge` drops them.
 
 A bucket that is full and that no lease holds grants what a new one grants: each settle
 forgets up to 8 buckets whose time in ``{ns}:full`` has come (a sweep up to 1,000), and
@@ -108,13 +116,21 @@ class _Scripts:
     settle: Script
     snapshot: Script
     sweep: Script
+    acknowledge: Script
 
 
 def _register(client: Any, kind: type[Script] = Script) -> _Scripts:
-    # Each script is lib.lua (the shared arithmetic) followed by its own body.
-    # KEYS: the state hash and the expiry zset (snapshot: the state hash only).
-    names = (("reserve.lua", 3), ("settle.lua", 3), ("snapshot.lua", 1), ("sweep.lua", 3))
-    return _Scripts(*(kind(client, _lua("lib.lua") + "\n" + _lua(name), numkeys) for name, numkeys in names))
+    # Each script is lib.lua (the shared arithmetic), sweeping.lua for the scripts that sweep
+    # or report the journal, then its own body.
+    # KEYS: the namespace's four keys (snapshot: the state hash only).
+    scripts = (
+        (("lib.lua", "sweeping.lua", "reserve.lua"), 4),
+        (("lib.lua", "settle.lua"), 4),
+        (("lib.lua", "snapshot.lua"), 1),
+        (("lib.lua", "sweeping.lua", "sweep.lua"), 4),
+        (("lib.lua", "sweeping.lua", "acknowledge.lua"), 4),
+    )
+    return _Scripts(*(kind(client, "\n".join(map(_lua, files)), numkeys) for files, numkeys in scripts))
 
 
 def _expired(items: Sequence[Any]) -> tuple[ExpiredLease, ...]:
@@ -257,7 +273,9 @@ class RedisStore:
         self._state_key = prefix + "state"
         self._expiry_key = prefix + "expiries"
         self._full_key = prefix + "full"
-        self._keys = (self._state_key, self._expiry_key, self._full_key)  # the scripts' KEYS (snapshot: the first)
+        self._journal_key = prefix + "journal"
+        # The scripts' KEYS (snapshot: the first).
+        self._keys = (self._state_key, self._expiry_key, self._full_key, self._journal_key)
         self._hex_cache: dict[str, str] = {}
         self._spec_cache: dict[BucketSpec, bytes] = {}
         self._lock = threading.Lock()
@@ -533,9 +551,16 @@ class RedisStore:
         return self._state(self._run(lambda: script(*args)))
 
     def sweep(self) -> tuple[ExpiredLease, ...]:
-        """Settle due leases at their reserved amounts (at most 500 per call)."""
+        """Settle due leases at their reserved amounts into the journal (at most 500 per
+        call) and report the journal."""
         script = self._sync_scripts().sweep
         return _expired(self._run(lambda: script(*self._keys)))
+
+    def acknowledge(self, ids: Sequence[str]) -> None:
+        """Drop these entries from the journal (their records are stored); one round trip."""
+        if ids:
+            script, keys = self._sync_scripts().acknowledge, self._keys
+            self._run(lambda: script(*keys, *ids))
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled or swept."""
@@ -587,6 +612,17 @@ class RedisStore:
             return await asyncio.to_thread(self.sweep)
         script = pair[1].sweep
         return _expired(await self._arun(lambda: script(*self._keys)))
+
+    async def aacknowledge(self, ids: Sequence[str]) -> None:
+        """Async :meth:`acknowledge` on the asyncio client."""
+        if not ids:
+            return
+        pair = self._async_scripts()
+        if pair is None:
+            await asyncio.to_thread(self.acknowledge, ids)
+            return
+        script, keys = pair[1].acknowledge, self._keys
+        await self._arun(lambda: script(*keys, *ids))
 
     async def aclose(self) -> None:
         """Close the clients this store created (the current loop's asyncio client too)."""

@@ -4,19 +4,27 @@ Every write is one ``BEGIN IMMEDIATE`` transaction that runs the pure functions 
 :mod:`.base` on the rows it touches, so the arithmetic is the memory store's, and
 processes take turns through SQLite's write lock (WAL mode: readers never wait).
 
-Layout (``PRAGMA user_version`` holds the schema version, 4)::
+Layout (``PRAGMA user_version`` holds the schema version, 5)::
 
     store(kind, key, level, updated_at, period_start, spent, expires_at, held, meta, bucket,
           holds, full_at)
         PRIMARY KEY (kind, key), WITHOUT ROWID; index store_full_at (full_at) WHERE full_at
         IS NOT NULL
     kind 0: the meta row ``next_expiry``: ``expires_at`` is a lower bound of every open
-            lease's expiry (NULL: no lease is open)
+            lease's expiry (NULL: no lease is open), ``updated_at`` the store time, and
+            ``holds`` how many entries the journal holds (NULL: none)
     kind 1: a bucket (``key`` = bucket key; level, updated_at, period_start, spent; holds:
             the open leases holding it; full_at: when it is full again, NULL while held or
             when it never fills by itself)
     kind 2: a lease (``key`` = reservation id; expires_at, held JSON, meta, and ``bucket``:
             its first charge's bucket key, so settle reads lease and bucket in one query)
+    kind 3: a journal entry, a lease swept and not yet acknowledged (``key`` = reservation
+            id; expires_at: when it was swept; held: the amounts charged, JSON; meta)
+
+The journal (see :mod:`.base`): a sweep deletes each due lease and writes its journal
+row in the transaction that charges it, and sets the meta row's count; reserve reads the
+count with the meta row it reads anyway, so the journal costs a query only when it holds
+something.
 
 Forgetting: a bucket that is full and that no lease holds grants what a new one grants,
 so each settle deletes up to 8 bucket rows whose ``full_at`` has passed (a sweep up to
@@ -44,7 +52,9 @@ reservation took, so any process can settle or sweep it later. Schema 1 (tables
 first open; schema 2 differs only in its leases' specs (period bounds, not rules), and
 a lease written by either is settled without a period (its excess lands in the
 bucket's stored period). Schema 3 lacks ``holds`` and ``full_at`` (added in place:
-its buckets are forgotten once written again).
+its buckets are forgotten once written again). Schema 4 has no journal; it is refused
+by version rather than shared, since a schema-4 process would sweep leases without
+journaling them (and reset the count).
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ from budgetguard.errors import ConfigurationError, StoreUnavailable
 from budgetguard.periods import PeriodRule
 from budgetguard.stores._retry import RetryPolicy
 from budgetguard.stores.base import (
+    JOURNAL_REPORT,
     BucketSpec,
     BucketState,
     ExpiredLease,
@@ -84,7 +95,7 @@ __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Stored in ``PRAGMA user_version``; an older file is migrated, a newer one refused."""
 
 _SCHEMA = (
@@ -120,12 +131,17 @@ _SELECT_IN = "SELECT key, " + _BUCKET_COLUMNS + " FROM store WHERE kind = 1 AND 
 # joined to it (one row with NULL bucket columns when none exists yet; no row at all if
 # the meta row is missing).
 _META_AND_BUCKETS = (
-    "SELECT m.expires_at, m.updated_at, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
+    "SELECT m.expires_at, m.updated_at, m.holds, b.key, b.level, b.updated_at, b.period_start, b.spent FROM store AS m"
     " LEFT JOIN store AS b ON b.kind = 1 AND b.key IN ({marks})"
     " WHERE m.kind = 0 AND m.key = 'next_expiry'"
 )
-_META = "SELECT expires_at, updated_at FROM store WHERE kind = 0 AND key = 'next_expiry'"
-_SET_META = "REPLACE INTO store (kind, key, expires_at, updated_at) VALUES (0, 'next_expiry', ?, ?)"
+_META = "SELECT expires_at, updated_at, holds FROM store WHERE kind = 0 AND key = 'next_expiry'"
+# The sweep writes the whole meta row (it may be missing); a reserve only lowers the bound.
+_COUNT_JOURNAL = "(SELECT count(*) FROM store WHERE kind = 3)"
+_WRITE_META = (
+    f"REPLACE INTO store (kind, key, expires_at, updated_at, holds) VALUES (0, 'next_expiry', ?, ?, {_COUNT_JOURNAL})"
+)
+_SET_BOUND = "UPDATE store SET expires_at = ?, updated_at = ? WHERE kind = 0 AND key = 'next_expiry'"
 _STORE_TIME = "(SELECT updated_at FROM store WHERE kind = 0 AND key = 'next_expiry')"
 _SET_STORE_TIME = "UPDATE store SET updated_at = ? WHERE kind = 0 AND key = 'next_expiry'"
 _START_STORE_TIME = "UPDATE store SET updated_at = ? WHERE kind = 0 AND key = 'next_expiry' AND updated_at IS NULL"
@@ -146,6 +162,11 @@ _FORGET_PER_SWEEP = 1000
 _DUE_LEASES = "SELECT key, held, meta FROM store WHERE kind = 2 AND expires_at <= ? ORDER BY expires_at, key"
 _EARLIEST_LEASE = "SELECT min(expires_at) FROM store WHERE kind = 2"
 _INSERT_LEASE = "INSERT INTO store (kind, key, expires_at, held, meta, bucket) VALUES (2, ?, ?, ?, ?, ?)"
+# The journal (kind 3), oldest sweep first; its count is kept in the meta row's ``holds``.
+_JOURNAL_ADD = "REPLACE INTO store (kind, key, expires_at, held, meta) VALUES (3, ?, ?, ?, ?)"
+_JOURNAL = "SELECT key, held, meta FROM store WHERE kind = 3 ORDER BY expires_at, key LIMIT ?"
+_JOURNAL_DROP = "DELETE FROM store WHERE kind = 3 AND key = ?"
+_RECOUNT_JOURNAL = f"UPDATE store SET holds = {_COUNT_JOURNAL} WHERE kind = 0 AND key = 'next_expiry'"
 # Settle's first query: the lease, and its first bucket joined to it (a schema-1 lease has
 # no ``bucket``: its buckets are read by a second query).
 _LEASE_AND_BUCKET = (
@@ -586,23 +607,24 @@ class SQLiteStore:
 
     def _load_with_meta(
         self, cursor: sqlite3.Cursor, keys: list[str], buckets: Buckets
-    ) -> tuple[bool, float | None, float | None]:
+    ) -> tuple[bool, float | None, float | None, int | None]:
         """Load ``keys`` into ``buckets`` and read the meta row, in one query.
 
         Returns:
-            Whether the meta row exists, its ``next_expiry`` (``None``: no open lease) and
-            the store time (``None``: none recorded yet).
+            Whether the meta row exists, its ``next_expiry`` (``None``: no open lease),
+            the store time (``None``: none recorded yet) and the journal's size (``None``
+            or 0: empty).
         """
         rows = cursor.execute(self._in_query(_META_AND_BUCKETS, len(keys)), keys).fetchall()
         if not rows:  # no meta row: the caller sweeps, which writes it again
             self._load(cursor, keys, buckets)
-            return False, None, None
+            return False, None, None, None
         for key in keys:
             buckets[key] = None
-        for _, _, key, level, updated_at, period_start, spent in rows:
+        for _, _, _, key, level, updated_at, period_start, spent in rows:
             if key is not None:
                 buckets[key] = BucketState(level, updated_at, period_start, spent)
-        return True, rows[0][0], rows[0][1]
+        return True, rows[0][0], rows[0][1], rows[0][2]
 
     @staticmethod
     def _save(cursor: sqlite3.Cursor, now: float, touched: dict[str, BucketState], holds: _Holds) -> None:
@@ -635,25 +657,33 @@ class SQLiteStore:
 
         return get
 
-    def _sweep(
-        self, cursor: sqlite3.Cursor, now: float, buckets: Buckets
-    ) -> tuple[tuple[ExpiredLease, ...], float | None]:
-        """Settle every due lease at its reserved amount; write the meta row (new bound, ``now``).
+    def _sweep(self, cursor: sqlite3.Cursor, now: float, buckets: Buckets) -> tuple[float | None, int]:
+        """Settle every due lease at its reserved amount into the journal; write the meta
+        row (new bound, ``now``, the journal's size).
 
         Scans the leases (run only when the bound says one may be due).
 
         Returns:
-            The expired leases (by expiry, then id) and the new bound.
+            The new bound, and how many leases went into the journal.
         """
         due = cursor.execute(_DUE_LEASES, (now,)).fetchall()
         if due:
             leases = [(rid, _decode_held(held), meta) for rid, held, meta in due]
             expired = self._expire(cursor, now, leases, buckets)
-        else:
-            expired = ()
+            cursor.executemany(
+                _JOURNAL_ADD, [(e.id, now, f"[{','.join(map(_number, e.amounts))}]", e.meta) for e in expired]
+            )
         next_expiry = cursor.execute(_EARLIEST_LEASE).fetchone()[0]  # after the deletes: what is left
-        cursor.execute(_SET_META, (next_expiry, now))
-        return expired, next_expiry
+        cursor.execute(_WRITE_META, (next_expiry, now))
+        return next_expiry, len(due)
+
+    @staticmethod
+    def _journal(cursor: sqlite3.Cursor) -> tuple[ExpiredLease, ...]:
+        """The journal's oldest entries (at most ``JOURNAL_REPORT``)."""
+        return tuple(
+            ExpiredLease(rid, tuple(json.loads(amounts)), meta)
+            for rid, amounts, meta in cursor.execute(_JOURNAL, (JOURNAL_REPORT,))
+        )
 
     def _expire(
         self, cursor: sqlite3.Cursor, now: float, leases: list[tuple[str, list[Held], str]], buckets: Buckets
@@ -687,12 +717,13 @@ class SQLiteStore:
     def _reserve(self, cursor: sqlite3.Cursor, now: float, request: ReserveRequest) -> ReserveResult:
         buckets: Buckets = {}
         keys = bucket_keys(request.charges)
-        has_meta, next_expiry, stored_time = self._load_with_meta(cursor, keys, buckets)
+        has_meta, next_expiry, stored_time, journal = self._load_with_meta(cursor, keys, buckets)
         now, later = _store_time(now, stored_time)
-        expired: tuple[ExpiredLease, ...] = ()
         if not has_meta or (next_expiry is not None and next_expiry <= now):
-            expired, next_expiry = self._sweep(cursor, now, buckets)  # writes the meta row
+            next_expiry, swept = self._sweep(cursor, now, buckets)  # writes the meta row
             later = False
+            journal = (journal or 0) + swept if has_meta else 1  # a lost meta row lost the count: look
+        expired = self._journal(cursor) if journal else ()
         touched: dict[str, BucketState] = {}
         outcome = apply_reserve(self._getter(buckets, touched, now), request.charges, now)
         if not isinstance(outcome, list):
@@ -710,7 +741,7 @@ class SQLiteStore:
         except sqlite3.IntegrityError:
             _duplicate(request.id)
         if next_expiry is None or expires_at < next_expiry:
-            cursor.execute(_SET_META, (expires_at, now))
+            cursor.execute(_SET_BOUND, (expires_at, now))
         elif later:
             cursor.execute(_SET_STORE_TIME, (now,))
         self._remember(request.id, held, outcome)
@@ -776,20 +807,34 @@ class SQLiteStore:
         return self._run(read)
 
     def sweep(self) -> tuple[ExpiredLease, ...]:
-        """Settle expired leases at their reserved amounts and report each once; forget up
-        to 1,000 full buckets that no lease holds."""
+        """Settle expired leases at their reserved amounts into the journal and report it;
+        forget up to 1,000 full buckets that no lease holds."""
 
         def body(cursor: sqlite3.Cursor, now: float) -> tuple[ExpiredLease, ...]:
             row = cursor.execute(_META).fetchone()
-            expired: tuple[ExpiredLease, ...] = ()
-            if row is not None:
+            if row is None:  # a lost meta row: the sweep writes it again; its count was lost: look
+                self._sweep(cursor, now, {})
+                journal = 1
+            else:
                 now = _store_time(now, row[1])[0]
-            if row is None or (row[0] is not None and row[0] <= now):  # the bound says a lease may be due
-                expired = self._sweep(cursor, now, {})[0]
+                journal = row[2] or 0
+                if row[0] is not None and row[0] <= now:  # the bound says a lease may be due
+                    journal += self._sweep(cursor, now, {})[1]
             cursor.execute(_FORGET, (now, _FORGET_PER_SWEEP))
-            return expired
+            return self._journal(cursor) if journal else ()
 
         return self._write(body)
+
+    def acknowledge(self, ids: Sequence[str]) -> None:
+        """Drop these entries from the journal (their records are stored); one transaction."""
+        if ids:
+            self._write(self._acknowledge, ids)
+
+    @staticmethod
+    def _acknowledge(cursor: sqlite3.Cursor, now: float, ids: Sequence[str]) -> None:
+        cursor.executemany(_JOURNAL_DROP, [(rid,) for rid in ids])
+        if cursor.rowcount:  # else another process acknowledged them first
+            cursor.execute(_RECOUNT_JOURNAL)
 
     def open_reservations(self) -> int:
         """How many reservations are reserved and not yet settled or swept."""
@@ -834,6 +879,11 @@ class SQLiteStore:
     async def asweep(self) -> tuple[ExpiredLease, ...]:
         """Async :meth:`sweep` (runs in a worker thread)."""
         return await asyncio.to_thread(self.sweep)
+
+    async def aacknowledge(self, ids: Sequence[str]) -> None:
+        """Async :meth:`acknowledge`: at once if no other writer is busy, else in a worker thread."""
+        if ids and self._at_once(self._acknowledge, ids) is _WOULD_WAIT:
+            await asyncio.to_thread(self.acknowledge, ids)
 
     async def aclose(self) -> None:
         """Async :meth:`close`."""

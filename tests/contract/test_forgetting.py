@@ -73,6 +73,7 @@ def run(store: Store, clock: FakeClock, seed: int, steps: int) -> list[Any]:
                 sorted(e.id for e in result.expired),
             )
         )
+        store.acknowledge([e.id for e in result.expired])  # recorded, as a guard does
         if result.ok:
             open_ids.append((rid, len(charges)))
         if open_ids and rng.random() < 0.7:
@@ -80,7 +81,9 @@ def run(store: Store, clock: FakeClock, seed: int, steps: int) -> list[Any]:
             actuals = [float(rng.randint(0, 150)) for _ in range(n)]
             trace.append(("settle", rid, store.settle(rid, actuals)))
         if rng.random() < 0.02:
-            trace.append(("sweep", sorted(e.id for e in store.sweep())))
+            swept = store.sweep()
+            trace.append(("sweep", sorted(e.id for e in swept)))
+            store.acknowledge([e.id for e in swept])
         if rng.random() < 0.5:
             trace.append(("level", user, [store.snapshot(s).level for s in specs_of(user)]))
     return trace

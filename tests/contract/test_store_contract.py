@@ -33,7 +33,7 @@ from budgetguard.stores import (
     ReserveRequest,
     ReserveResult,
 )
-from budgetguard.stores.base import BucketState
+from budgetguard.stores.base import JOURNAL_REPORT, BucketState
 
 KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 SLACK = 0.5  # seconds of real time a Redis test may lose between two steps
@@ -85,6 +85,12 @@ class Harness:
 
     async def sweep(self) -> tuple[ExpiredLease, ...]:
         return self.store.sweep() if self.mode == "sync" else await self.store.asweep()
+
+    async def acknowledge(self, ids: Sequence[str]) -> None:
+        if self.mode == "sync":
+            self.store.acknowledge(ids)
+        else:
+            await self.store.aacknowledge(ids)
 
     async def level(self, spec: BucketSpec) -> float:
         return (await self.snapshot(spec)).level
@@ -360,22 +366,33 @@ async def test_settle_without_actuals_charges_the_reservation(h: Harness) -> Non
 # -- leases -----------------------------------------------------------------------------
 
 
-async def test_expired_lease_is_charged_and_reported_once(h: Harness) -> None:
+async def test_expired_lease_is_charged_once_and_reported_until_acknowledged(h: Harness) -> None:
     spec, other = BucketSpec("lease", 10.0), BucketSpec("unrelated", 10.0)
-    assert (await h.reserve(req("dead", Charge(spec, 4.0), lease=0.2, meta='{"run": "dead"}'))).ok
+    dead = ExpiredLease("dead", (4.0,), '{"run": "dead"}')
+    assert (await h.reserve(req("dead", Charge(spec, 4.0), lease=0.2, meta=dead.meta))).ok
     assert (await h.reserve(req("alive", Charge(spec, 1.0), lease=60.0))).ok
     await h.advance(0.3)
     result = await h.reserve(req("next", Charge(other, 1.0)))
     assert result.ok
-    assert result.expired == (ExpiredLease("dead", (4.0,), '{"run": "dead"}'),)
+    assert result.expired == (dead,)
     state = await h.snapshot(spec)
     assert (state.level, state.spent) == (5.0, 4.0)  # charged the reserved amount
-    assert (await h.reserve(req("next2", Charge(other, 1.0)))).expired == ()
-    assert await h.sweep() == ()
+    # Whoever was told may die before recording it: every later reserve and sweep (of any
+    # process) reports it again, until someone acknowledges it; it is charged only once.
+    assert (await h.reserve(req("next2", Charge(other, 1.0)))).expired == (dead,)
+    assert await h.sweep() == (dead,)
+    assert await h.sweep() == (dead,)
     assert not await h.settle("dead", [0.0])  # too late: nothing changes
+    await h.acknowledge(["dead"])
+    assert (await h.reserve(req("next3", Charge(other, 1.0)))).expired == ()
+    assert await h.sweep() == ()
+    await h.acknowledge(["dead"])  # again, and ids the store never knew: nothing happens
+    await h.acknowledge(["never-swept", "alive"])
+    await h.acknowledge([])
     after = await h.snapshot(spec)
     assert (after.level, after.spent) == (5.0, 4.0)
-    assert await h.settle("alive", [1.0])
+    assert await h.settle("alive", [1.0])  # an open lease is not a journal entry
+    assert (await h.snapshot(spec)).spent == 5.0
 
 
 async def test_sweep_reports_expired_leases_and_a_denial_still_reports_them(h: Harness) -> None:
@@ -384,7 +401,11 @@ async def test_sweep_reports_expired_leases_and_a_denial_still_reports_them(h: H
     assert (await h.reserve(req("b", Charge(pool, 3.0), lease=0.2, meta="m-b"))).ok
     await h.advance(0.3)
     expired = await h.sweep()
-    assert sorted(expired, key=lambda e: e.id) == [ExpiredLease("a", (12.0,), "m-a"), ExpiredLease("b", (3.0,), "m-b")]
+    swept = [ExpiredLease("a", (12.0,), "m-a"), ExpiredLease("b", (3.0,), "m-b")]
+    assert sorted(expired, key=lambda e: e.id) == swept
+    await h.acknowledge(["b"])  # one of two
+    assert await h.sweep() == (swept[0],)
+    await h.acknowledge(["a"])
     assert await h.sweep() == ()
     team_state, pool_state = await h.snapshot(team), await h.snapshot(pool)
     assert (team_state.level, team_state.spent) == (0.0, 10.0)
@@ -395,7 +416,38 @@ async def test_sweep_reports_expired_leases_and_a_denial_still_reports_them(h: H
     result = await h.reserve(req("d", Charge(team, 1.0)))  # denied, and reports the sweep
     assert result.denial is not None
     assert result.expired == (ExpiredLease("c", (1.0,), "m-c"),)
+    again = await h.reserve(req("d", Charge(team, 1.0)))  # denied again: the journal still reported
+    assert again.denial is not None and again.expired == result.expired
+    await h.acknowledge(["c"])
+    last = await h.reserve(req("d", Charge(team, 1.0)))
+    assert last.denial is not None and last.expired == ()
     assert (await h.snapshot(pool)).spent == 6.0
+
+
+async def test_the_journal_reports_its_oldest_sweeps_a_bounded_number_per_call(h: Harness) -> None:
+    """After a crash of many workers the journal may be long: each call reports at most
+    JOURNAL_REPORT entries, the oldest sweeps first, and the rest once those are acknowledged."""
+    spec = BucketSpec("many", 1e9)
+    early = [f"early-{i}" for i in range(5)]
+    for rid in early:
+        assert (await h.reserve(req(rid, Charge(spec, 1.0), lease=0.2))).ok
+    await h.advance(0.3)
+    assert {e.id for e in await h.sweep()} == set(early)
+    late = [f"late-{i}" for i in range(JOURNAL_REPORT + 10)]
+    for rid in late:
+        assert (await h.reserve(req(rid, Charge(spec, 2.0), lease=0.5))).ok
+    await h.advance(0.6)
+    first = await h.sweep()
+    assert len(first) == JOURNAL_REPORT
+    assert set(early) <= {e.id for e in first}  # swept earlier: reported first
+    assert (await h.reserve(req("probe", Charge(spec, 1.0)))).expired == first
+    await h.acknowledge([e.id for e in first])
+    rest = await h.sweep()
+    assert {e.id for e in rest} == set(early + late) - {e.id for e in first}
+    assert all(e.amounts == (2.0,) for e in rest)
+    await h.acknowledge([e.id for e in rest])
+    assert await h.sweep() == ()
+    assert (await h.snapshot(spec)).spent == 5 * 1.0 + len(late) * 2.0
 
 
 # -- accounting and keys ----------------------------------------------------------------
@@ -489,6 +541,9 @@ async def test_random_workload_matches_memory_store(
                 expected, got = await ref.reserve(request_), await other.reserve(request_)
                 assert (got.ok, got.denial) == (expected.ok, expected.denial), step
                 assert sorted(got.expired, key=lambda e: e.id) == sorted(expected.expired, key=lambda e: e.id), step
+                reported = [e.id for e in got.expired]  # recorded: as a guard does
+                await ref.acknowledge(reported)
+                await other.acknowledge(reported)
                 if got.ok:
                     open_ids.append(request_.id)
             else:

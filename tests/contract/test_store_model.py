@@ -3,10 +3,11 @@
 The model is a few dicts and the bucket rules written plainly (below), not base.py's
 functions. Hypothesis drives a store and the model through random reserves (one or two
 charges, some borrowing from a pool), settles (with smaller and larger actual amounts,
-none, twice, after the lease expired, many periods late), sweeps and clock moves (from
-nothing to hours, across minute and hour boundaries), and after every step compares
-every bucket (level, spent, period), every outcome (granted, denied with the same
-charge, amount available and wait, expired leases) and the open leases.
+none, twice, after the lease expired, many periods late), sweeps, acknowledgements of
+swept leases (some twice, some never swept) and clock moves (from nothing to hours,
+across minute and hour boundaries), and after every step compares every bucket (level,
+spent, period), every outcome (granted, denied with the same charge, amount available
+and wait, the journal of swept leases reported until acknowledged) and the open leases.
 
 A store may forget a bucket that is full and that no open reservation holds, and make it
 again, full, on next use (when is its own business): levels and periods must not show it,
@@ -43,6 +44,7 @@ from hypothesis.stateful import (
 from budgetguard.clock import FakeClock
 from budgetguard.periods import PeriodRule
 from budgetguard.stores import BucketSpec, Charge, MemoryStore, ReserveRequest, Store
+from budgetguard.stores.base import JOURNAL_REPORT
 
 START = 1_767_225_600.0 + 50  # 10 s before a minute boundary
 SPECS = {
@@ -80,6 +82,7 @@ class Model:
 
     buckets: dict[str, Bucket] = field(default_factory=dict)
     leases: dict[str, Lease] = field(default_factory=dict)
+    journal: dict[str, tuple[tuple[float, ...], str]] = field(default_factory=dict)  # swept, unacknowledged
 
     @staticmethod
     def at(bucket: Bucket | None, spec: BucketSpec, now: float) -> Bucket:
@@ -102,14 +105,15 @@ class Model:
         self.buckets[key] = self.at(self.buckets.get(key), SPECS[key], now)
         return self.buckets[key]
 
-    def sweep(self, now: float) -> set[tuple[str, tuple[float, ...]]]:
+    def sweep(self, now: float) -> set[tuple[str, tuple[float, ...], str]]:
+        """Charge the due leases as reserved, into the journal; what a store reports then."""
         due = sorted(rid for rid, lease in self.leases.items() if lease.expires <= now)
-        out = set()
         for rid in due:
             lease = self.leases[rid]
-            out.add((rid, tuple(took + lent for _, _, took, lent, _, _ in lease.charges), lease.meta))
+            self.journal[rid] = (tuple(took + lent for _, _, took, lent, _, _ in lease.charges), lease.meta)
             self.settle(rid, None, now)
-        return out
+        assert len(self.journal) <= JOURNAL_REPORT  # fewer steps than that: all of it is reported
+        return {(rid, amounts, meta) for rid, (amounts, meta) in self.journal.items()}
 
     def settle(self, rid: str, actuals: list[float] | None, now: float) -> bool:
         lease = self.leases.pop(rid, None)
@@ -273,7 +277,19 @@ def make_machine(kind: str, open_store: Callable[[], tuple[Store, FakeClock, Cal
             got = self.store.sweep()
             expected = self.model.sweep(self.clock.now())
             assert {(e.id, e.amounts, e.meta) for e in got} == expected
-            self.closed += [e.id for e in got]
+            self.closed += [e.id for e in got if e.id not in self.closed]
+
+        @precondition(lambda self: self.model.journal or self.closed)
+        @rule(data=st.data(), stranger=st.booleans())
+        def acknowledge(self, data: st.DataObject, stranger: bool) -> None:
+            """Acknowledge some reported leases, maybe with ids acknowledged before (or
+            settled normally) and one the store never saw: only the journal's go."""
+            known = sorted({*self.model.journal, *self.closed})
+            ids = data.draw(st.lists(st.sampled_from(known), max_size=3, unique=True))
+            ids += ["never-reserved"] if stranger else []
+            self.store.acknowledge(ids)
+            for rid in ids:
+                self.model.journal.pop(rid, None)
 
         @invariant()
         def buckets_match(self) -> None:

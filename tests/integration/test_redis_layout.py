@@ -3,8 +3,10 @@
 Buckets and leases are fields of one hash (``{ns}:state``) next to the expiry zset
 (``{ns}:expiries``); reserve skips the expiry probe until a stored lower bound (``next``)
 of the earliest expiry has passed. These tests check what that layout must not lose:
-two keys with one hash tag (Redis Cluster), hashed scope values, duplicate ids refused,
-replays recognised, and no expired lease ever missed by the skipped probe.
+keys with one hash tag (Redis Cluster), hashed scope values, duplicate ids refused,
+replays recognised, and no expired lease ever missed by the skipped probe. And the
+journal of swept leases (``{ns}:journal`` and ``j:`` fields): gone once acknowledged, and
+free for a reserve while empty (its size is a field of the one ``HMGET``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import redis
 from budgetguard.errors import StoreUnavailable
 from budgetguard.stores import BucketSpec, Charge, ExpiredLease, ReserveRequest
 from budgetguard.stores._retry import RetryPolicy
+from budgetguard.stores.base import JOURNAL_REPORT
 from budgetguard.stores.redis import RedisStore
 
 pytestmark = pytest.mark.redis
@@ -115,11 +118,16 @@ def test_sweeps_past_the_limit_continue_on_the_next_call(store: RedisStore) -> N
     for i in range(520):
         assert store.reserve(req(f"m{i}", Charge(spec, 1.0), lease=0.3)).ok
     time.sleep(0.4)
-    first = store.reserve(req("x", Charge(spec, 1.0)))
-    second = store.reserve(req("y", Charge(spec, 1.0)))
-    assert len(first.expired) == 500
-    assert len(second.expired) == 20
+    first = store.reserve(req("x", Charge(spec, 1.0)))  # sweeps 500
+    assert store.snapshot(spec).spent == 500.0
+    second = store.reserve(req("y", Charge(spec, 1.0)))  # the other 20
     assert store.snapshot(spec).spent == 520.0
+    assert len(first.expired) == len(second.expired) == JOURNAL_REPORT  # the journal's oldest
+    reported: set[str] = set()
+    while batch := store.sweep():
+        reported |= {e.id for e in batch}
+        store.acknowledge([e.id for e in batch])
+    assert reported == {f"m{i}" for i in range(520)}
 
 
 @pytest.mark.parametrize("size", [0, 31, 32, 255, 256, 65_535, 65_536])
@@ -310,3 +318,67 @@ def test_a_full_unheld_bucket_is_deleted_with_its_readable_key(redis_server: Any
     finally:
         store.close()
         close(clock)
+
+
+# -- the journal of swept leases -------------------------------------------------------------
+
+
+def test_the_journal_shares_the_hash_tag_and_is_gone_once_acknowledged(
+    store: RedisStore, raw: redis.Redis, redis_server: Any
+) -> None:
+    ns, spec = store.namespace, BucketSpec("j", 100.0)
+    assert store.reserve(req("dead\n{x}", Charge(spec, 3.0), lease=0.2)).ok
+    time.sleep(0.3)
+    swept = (ExpiredLease("dead\n{x}", (3.0,), ""),)
+    assert store.reserve(req("next", Charge(spec, 1.0))).expired == swept
+    keys = sorted(k.decode() for k in raw.scan_iter(match=f"{{{ns}}}*"))
+    assert keys == [f"{{{ns}}}:expiries", f"{{{ns}}}:journal", f"{{{ns}}}:state"]
+    assert raw.zrange(f"{{{ns}}}:journal", 0, -1) == [b"dead\n{x}"]
+    assert raw.hget(f"{{{ns}}}:state", "journal") == b"1"
+    assert raw.hexists(f"{{{ns}}}:state", "j:dead\n{x}")
+    other = RedisStore(redis_server.url, namespace=ns)  # another process sees it too
+    try:
+        assert other.sweep() == swept
+        other.acknowledge(["dead\n{x}"])
+        other.acknowledge(["dead\n{x}"])
+    finally:
+        other.close()
+    assert store.reserve(req("after", Charge(spec, 1.0))).expired == ()
+    assert not raw.exists(f"{{{ns}}}:journal")
+    fields = {f.decode() for f in raw.hkeys(f"{{{ns}}}:state")}
+    assert "journal" not in fields and not any(f.startswith("j:") for f in fields)
+    assert store.snapshot(spec).spent == 3.0
+
+
+def commands(raw: redis.Redis) -> dict[str, int]:
+    """Calls per command on the server so far (scripts' calls included)."""
+    return {name.removeprefix("cmdstat_"): int(stat["calls"]) for name, stat in raw.info("commandstats").items()}
+
+
+def test_an_empty_journal_costs_a_reserve_no_command(store: RedisStore, raw: redis.Redis) -> None:
+    """Reserve reads the journal's size with the fields it reads anyway (one HMGET): the
+    journal's own commands run only while it holds something."""
+    spec = BucketSpec("hot", 1e9)
+
+    def journal_calls(n: int, tag: str) -> int:
+        before = commands(raw)
+        for i in range(n):
+            assert store.reserve(req(f"{tag}{i}", Charge(spec, 1.0))).ok
+            assert store.settle(f"{tag}{i}", [1.0])
+        after = commands(raw)
+        return sum(after.get(c, 0) - before.get(c, 0) for c in ("zrange", "zcard"))
+
+    assert store.reserve(req("open", Charge(spec, 1.0))).ok  # a new namespace: the first probe sets the bound
+    assert journal_calls(20, "a") == 0
+    assert store.reserve(req("dies", Charge(spec, 1.0), lease=0.2)).ok
+    time.sleep(0.3)
+    assert store.reserve(req("sweeps", Charge(spec, 1.0))).expired != ()
+    assert journal_calls(20, "b") >= 20  # unacknowledged: every reserve reads it
+    store.acknowledge(["dies"])
+    assert journal_calls(20, "c") == 0
+
+
+def test_a_stale_journal_size_is_set_right(store: RedisStore, raw: redis.Redis) -> None:
+    raw.hset(store._state_key, "journal", 3)  # e.g. a hand edit: no entries behind it
+    assert store.reserve(req("r", Charge(BucketSpec("s", 10.0), 1.0))).expired == ()
+    assert not raw.hexists(store._state_key, "journal")

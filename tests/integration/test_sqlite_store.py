@@ -7,7 +7,9 @@
   the file: a lease written by another store (another process) is still swept on time,
   a stale bound only costs a scan, and a missing bound row is rebuilt.
 * Processes with short leases, some abandoned: every lease is settled or swept and
-  reported once, and the books balance.
+  reported (until acknowledged), and the books balance.
+* The journal of swept leases: a schema-4 file gains it in place; its size rides on the
+  meta row, so a reserve runs no query for it while it is empty.
 * The lease encoding writes exactly what ``json.dumps`` wrote (schema-1 leases read
   back unchanged) and floats round-trip bit for bit.
 * Async writes run on the event loop's thread when they need not wait, and in a worker
@@ -108,7 +110,7 @@ def test_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
     with SQLiteStore(path, clock=clock) as store:
         assert tables(path) == {"store", "store_full_at"}  # the old tables and their index are gone
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert next_expiry(path) == T0 + 10
         team = store.snapshot(TEAM)
         assert (team.level, team.spent) == (0.0, 12.5)
@@ -150,7 +152,7 @@ def test_schema_3_file_gains_the_forgetting_columns_in_place(tmp_path: Path) -> 
     clock = FakeClock(start=T0)
     with SQLiteStore(path, clock=clock, host_clock=clock) as store:
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
             columns = {row[1] for row in conn.execute("PRAGMA table_info(store)")}
         assert {"holds", "full_at"} <= columns
         assert tables(path) == {"store", "store_full_at"}
@@ -164,6 +166,80 @@ def test_schema_3_file_gains_the_forgetting_columns_in_place(tmp_path: Path) -> 
             keys = {key for (key,) in conn.execute("SELECT key FROM store WHERE kind = 1")}
         assert keys == {POOL.key}  # POOL never refills: kept
         assert store.snapshot(TEAM).level == 100.0
+
+
+# Schema 4, as budgetguard wrote it before the journal of swept leases.
+V4_SCHEMA = (
+    (
+        "CREATE TABLE store (kind INTEGER NOT NULL, key TEXT NOT NULL,"
+        " level REAL, updated_at REAL, period_start REAL, spent REAL,"
+        " expires_at REAL, held TEXT, meta TEXT, bucket TEXT, holds INTEGER, full_at REAL,"
+        " PRIMARY KEY (kind, key)) WITHOUT ROWID"
+    ),
+    "CREATE INDEX store_full_at ON store (full_at) WHERE full_at IS NOT NULL",
+    "PRAGMA user_version = 4",
+)
+
+
+def test_schema_4_file_gains_the_journal_in_place(tmp_path: Path) -> None:
+    """A lease left open by the old version is swept into the journal, reported to every
+    process until acknowledged."""
+    path = tmp_path / "v4.db"
+    held = json.dumps([[[TEAM.key, 100.0, 0.5, None], None, 10.0, 0.0, None, None]], separators=(",", ":"))
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in V4_SCHEMA:
+        conn.execute(statement)
+    conn.execute("INSERT INTO store (kind, key, expires_at, updated_at) VALUES (0, 'next_expiry', ?, ?)", (T0 + 10, T0))
+    conn.execute(
+        "INSERT INTO store (kind, key, level, updated_at, period_start, spent, holds) VALUES (1, ?, 90.0, ?, NULL, 5.0, 1)",
+        (TEAM.key, T0),
+    )
+    conn.execute("INSERT INTO store (kind, key, expires_at, held, meta, bucket) VALUES (2, 'old', ?, ?, 'm', ?)", (T0 + 10, held, TEAM.key))
+    conn.close()
+    clock = FakeClock(start=T0)
+    with SQLiteStore(path, clock=clock, host_clock=clock) as store, SQLiteStore(path, clock=clock, host_clock=clock) as other:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        clock.advance(11)
+        swept = (ExpiredLease("old", (10.0,), "m"),)
+        assert store.reserve(ReserveRequest("new", (Charge(POOL, 1.0),), 60.0)).expired == swept
+        assert other.sweep() == swept
+        assert store.snapshot(TEAM).spent == 15.0  # charged once
+        other.acknowledge(["old"])
+        assert store.sweep() == other.sweep() == ()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT count(*) FROM store WHERE kind = 3").fetchone()[0] == 0
+
+
+def test_an_empty_journal_costs_a_reserve_no_query(tmp_path: Path) -> None:
+    """The journal's size is read with the meta row the reserve reads anyway: a query for the
+    journal's entries runs only while it holds some."""
+    clock = FakeClock(start=T0)
+    with SQLiteStore(tmp_path / "j.db", clock=clock, host_clock=clock) as store:
+        statements: list[str] = []
+        store._connection().set_trace_callback(statements.append)
+
+        def pair(rid: str, lease: float = 600.0) -> list[str]:
+            statements.clear()
+            result = store.reserve(ReserveRequest(rid, (Charge(POOL, 1.0),), lease))
+            store.settle(rid, [1.0])
+            assert result.ok
+            return [sql for sql in statements if "kind = 3" in sql]
+
+        assert pair("a") == []
+        assert store.reserve(ReserveRequest("dies", (Charge(POOL, 1.0),), 1.0)).ok
+        clock.advance(2)
+        read = "SELECT key, held, meta FROM store WHERE kind = 3"
+        swept = pair("b")  # swept "dies" into the journal (counting it), then read it
+        assert len(swept) == 2 and swept[0].startswith("REPLACE") and swept[1].startswith(read)
+        assert [sql[: len(read)] for sql in pair("c")] == [read]  # not acknowledged: read again
+        with sqlite3.connect(tmp_path / "j.db") as conn:
+            assert conn.execute("SELECT holds FROM store WHERE kind = 0").fetchone()[0] == 1
+        store.acknowledge(["dies"])
+        assert pair("d") == []
+        with sqlite3.connect(tmp_path / "j.db") as conn:
+            assert conn.execute("SELECT holds FROM store WHERE kind = 0").fetchone()[0] == 0
 
 
 def test_concurrent_openers_migrate_once(tmp_path: Path) -> None:
@@ -236,7 +312,9 @@ def test_lease_of_another_store_is_swept_on_time(tmp_path: Path) -> None:
         clock.advance(2)
         result = mine.reserve(ReserveRequest("next", (Charge(TEAM, 1.0),), 600.0))
         assert result.expired == (ExpiredLease("short", (20.0,), "m"),)
-        assert theirs.sweep() == ()  # reported once
+        assert theirs.sweep() == result.expired  # reported to every process until acknowledged
+        mine.acknowledge(["short"])
+        assert theirs.sweep() == ()
         assert not theirs.settle("short", [1.0])
     finally:
         mine.close()
@@ -279,6 +357,7 @@ def short_lease_worker(path: str, ops: int, seed: int, results: Any) -> None:
             ReserveRequest(rid, (Charge(TEAM_BIG, amount), Charge(POOL_BIG, 1.0)), rng.choice([0.05, 0.2, 600.0]))
         )
         expired += [(e.id, e.amounts) for e in result.expired]
+        store.acknowledge([e.id for e in result.expired])  # recorded, as a guard does
         if rng.random() < 0.2:
             continue  # abandoned: a sweep must charge it at the reserved amount
         time.sleep(rng.random() * 0.002)
@@ -302,10 +381,14 @@ def test_processes_with_short_leases_balance_the_books(tmp_path: Path) -> None:
         w.join(30)
     later = FakeClock(start=time.time() + 10_000)  # the host's clock, 10,000 s on: every lease is due
     with SQLiteStore(path, clock=later, host_clock=later) as late:
-        final = [(e.id, e.amounts) for e in late.sweep()]
-        expired = [e for _, reported in outcomes for e in reported] + final
-        assert len({rid for rid, _ in expired}) == len(expired)  # each expired lease reported once
-        charged = sum(settled for settled, _ in outcomes) + sum(sum(amounts) for _, amounts in expired)
+        final = late.sweep()
+        late.acknowledge([e.id for e in final])
+        assert late.sweep() == ()
+        # A lease may be reported by several workers before one acknowledges it; always the same.
+        reports = [e for _, reported in outcomes for e in reported] + [(e.id, e.amounts) for e in final]
+        expired = dict(reports)
+        assert set(reports) == set(expired.items())
+        charged = sum(settled for settled, _ in outcomes) + sum(sum(amounts) for amounts in expired.values())
         team, pool = late.snapshot(TEAM_BIG), late.snapshot(POOL_BIG)
         assert team.spent + pool.spent == pytest.approx(charged, abs=1e-6)
         assert (team.level, pool.level) == (1e12 - team.spent, 1e12 - pool.spent)
@@ -325,9 +408,13 @@ def test_missing_bound_row_means_scan_and_is_rebuilt(tmp_path: Path) -> None:
         assert result.ok and result.expired == (ExpiredLease("a", (5.0,), ""),)
         assert next_expiry(path) == T0 + 2 + 60
         with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM store WHERE kind = 0")  # with it, the journal's count
+        assert store.sweep() == result.expired  # nothing due, but the journal is looked at
+        with sqlite3.connect(path) as conn:
             conn.execute("DELETE FROM store WHERE kind = 0")
         clock.advance(60)
-        assert store.sweep() == (ExpiredLease("b", (5.0, 5.0), ""),)
+        # The rebuilt row counts the journal again: "a", never acknowledged, is still reported.
+        assert store.sweep() == (ExpiredLease("a", (5.0,), ""), ExpiredLease("b", (5.0, 5.0), ""))
         assert next_expiry(path) is None
 
 

@@ -17,11 +17,18 @@
 --            read as format 2 without rules.
 --   next     a lower bound of the earliest lease expiry (absent: unknown). Reserve only
 --            probes the expiry zset once the server clock reaches it.
+--   j:<id>   a journal entry: a lease swept and not yet acknowledged (cmsgpack of its meta
+--            and its charged amounts, the reply's text)
+--   journal  how many entries the journal holds (absent: none). Reserve reads it with its
+--            one HMGET, so an empty journal costs nothing.
 -- KEYS[2], the expiry zset: reservation id by lease expiry (server time).
 -- KEYS[3], the full zset: bucket hex by the server time at which the bucket, as last
 --   written, is full again (written only for buckets no lease holds). A bucket that is
 --   full and unheld grants what a new one grants, so forget() deletes it once its time
 --   has come (any write since would have moved or dropped its time; a hold is checked).
+-- KEYS[4], the journal zset: swept reservation id by when it was swept (server time). A
+--   sweep moves each lease it charges into the journal; reserve and sweep report the
+--   oldest entries until acknowledge.lua drops them (see base.py: the journal).
 -- Numbers handed to redis.call are written by Redis with '%.17g' (exact); numbers in
 -- replies go out through fmt() for the same reason (Lua's tostring keeps 14 digits).
 --
@@ -34,7 +41,7 @@
 -- false == false.
 
 local now = 0
-local state_key, expiry_key, full_key = KEYS[1], KEYS[2], KEYS[3]
+local state_key, expiry_key, full_key, journal_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local tonumber, unpack, pack, mmin, floor = tonumber, unpack, cmsgpack.pack, math.min, math.floor
 local huge = math.huge
 
@@ -382,45 +389,3 @@ local function settle_lease(v, actuals, first)
   end
   return finals
 end
-
--- Settle every lease due by now at its reserved amount (at most `limit` per call: a crash
--- of many workers is swept over several calls). The buckets are kept for the next flush().
--- Returns {id, meta, amounts, ...}, the set of swept ids and the new earliest expiry.
-local function sweep(limit)
-  local function join(values)
-    local parts = {}
-    for i, x in ipairs(values) do parts[i] = fmt(x) end
-    return table.concat(parts, ',')
-  end
-  local ids = redis.call('ZRANGEBYSCORE', expiry_key, '-inf', now, 'LIMIT', 0, limit)
-  local out, swept = {}, {}
-  if #ids > 0 then
-    local fields = {}
-    for i, id in ipairs(ids) do fields[i] = 'r:' .. id end
-    local raws = redis.call('HMGET', state_key, unpack(fields))
-    local leases, want, seen = {}, {}, {}
-    for i, raw in ipairs(raws) do
-      if raw then
-        leases[i] = decode_lease(raw)
-        prefetch(leases[i], want, seen)
-      end
-    end
-    load_fields(want)
-    for i, id in ipairs(ids) do
-      swept[id] = true
-      local lease = leases[i]
-      if lease then
-        local finals = settle_lease(lease, nil, 1)
-        out[#out + 1] = id
-        out[#out + 1] = lease[2]
-        out[#out + 1] = join(finals)
-      end
-    end
-    redis.call('HDEL', state_key, unpack(fields))
-    redis.call('ZREM', expiry_key, unpack(ids))
-  end
-  local first = redis.call('ZRANGE', expiry_key, 0, 0, 'WITHSCORES')  -- the new earliest expiry
-  return out, swept, first[2] and tonumber(first[2]) or nil
-end
-
-local SWEEP_LIMIT = 500

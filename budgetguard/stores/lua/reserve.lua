@@ -1,5 +1,5 @@
 -- budgetguard reserve: sweep due leases, then take every charge or none.
--- KEYS: state hash, expiry zset, full zset.
+-- KEYS: state hash, expiry zset, full zset, journal zset.
 -- ARGV[1]: the request as a sequence of MessagePack values (false stands for none):
 --   id, nonce, lease_seconds, meta, n,
 --   n specs: bucket hex, readable key, capacity, refill, period rule,
@@ -7,23 +7,24 @@
 -- Reply: 1 reserved, 3 replay of this very request (its reply was lost), 2 id already
 --   open; or, when denied or when leases expired, a table
 --   {status, charge index, available, retry_after, expired id, meta, amounts, ...}
---   with status 0 for a denial.
--- Calls in the common case: TIME, one HMGET (sweep bound, lease, buckets), one HSET
--- (buckets, lease, bound), one ZADD.
+--   with status 0 for a denial; the expired entries are the journal's (lib.lua report()),
+--   sent whenever the journal is not empty.
+-- Calls in the common case: TIME, one HMGET (sweep bound, journal size, lease, buckets),
+-- one HSET (buckets, lease, bound), one ZADD.
 now = server_now()
 local r = {cmsgpack.unpack(ARGV[1])}
 local id = r[1]
 local nspec = r[5]
 local lease_field = 'r:' .. id
 
--- Spec j: r[s + 1] hex .. r[s + 5] period rule with s = 5 * j; its field is fields[j + 2].
-local fields = {'next', lease_field}
-for j = 1, nspec do fields[j + 2] = 'b:' .. r[5 * j + 1] end
+-- Spec j: r[s + 1] hex .. r[s + 5] period rule with s = 5 * j; its field is fields[j + 3].
+local fields = {'next', 'journal', lease_field}
+for j = 1, nspec do fields[j + 3] = 'b:' .. r[5 * j + 1] end
 
 local v = redis.call('HMGET', state_key, unpack(fields))
 local names = nil  -- field -> readable key of each bucket not stored yet
 for j = 1, nspec do
-  local f, raw = fields[j + 2], v[j + 2]
+  local f, raw = fields[j + 3], v[j + 3]
   if raw then
     loaded[f] = decode_state(raw)
   else
@@ -33,15 +34,22 @@ for j = 1, nspec do
   end
 end
 local stored_next = tonumber(v[1])
-local next_expiry, open = stored_next, v[2]
+local next_expiry, journal, open = stored_next, tonumber(v[2]) or 0, v[3]
 
 -- MemoryStore sweeps only once the earliest expiry has passed; so do we.
-local expired = nil
 if next_expiry == nil or now >= next_expiry then
-  local swept
-  expired, swept, next_expiry = sweep(SWEEP_LIMIT)
+  local swept, size
+  swept, next_expiry, size = sweep(SWEEP_LIMIT)
   if swept[id] then open = false end  -- an expired lease with this id was just settled
-  if #expired == 0 then expired = nil end
+  journal = size or journal
+end
+local expired = nil  -- the journal's entries, reported until acknowledged
+if journal > 0 then
+  expired = report()
+  if #expired == 0 then  -- a stale size (a hand edit): set it right
+    expired = nil
+    count_journal()
+  end
 end
 
 -- Ends a request that changes nothing: writes what the sweep changed (and its new bound);
@@ -73,7 +81,7 @@ for i = 1, (#r - 5 - 5 * nspec) / 3 do
   local j, amount, lj = r[c + 1], r[c + 2], r[c + 3]
   local s = 5 * j
   local cap, rate, rule = r[s + 3], r[s + 4], r[s + 5]
-  local bf = fields[j + 2]
+  local bf = fields[j + 3]
   local st = touch(bf, cap, rate, rule)
   local avail = math.max(st[1] - (planned[bf] or 0), 0)
   local took, lent = amount, 0
@@ -82,7 +90,7 @@ for i = 1, (#r - 5 - 5 * nspec) / 3 do
     local short = amount - avail
     local lavail = 0
     if lj > 0 then
-      lf = fields[lj + 2]
+      lf = fields[lj + 3]
       lst = touch(lf, r[l + 3], r[l + 4], r[l + 5])
       lavail = math.max(lst[1] - (planned[lf] or 0), 0)
     end

@@ -1,5 +1,5 @@
 -- budgetguard settle: once per lease; a lease that is gone (settled, swept) returns 0.
--- KEYS: state hash, expiry zset, full zset.
+-- KEYS: state hash, expiry zset, full zset, journal zset (unused).
 -- ARGV[1]: MessagePack values: the id, then the actual amounts, or false to charge the
 --   reserved amounts.
 -- Calls: TIME, HGET (lease), HMGET or HGET (its buckets), HSET (buckets), ZADD (when they
