@@ -10,10 +10,9 @@ from typing import Any
 
 import openai
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import OpenAI
-from openai_helpers import chat
+from openai_helpers import chat, long_history
 
 import budgetguard.lcel
 from budgetguard import Budget, BudgetExceeded, BudgetGuard, ContextWindowExceeded
@@ -32,14 +31,6 @@ def metering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 pytestmark = pytest.mark.usefixtures("fresh_server")
-
-
-def long_history(turns: int) -> list:
-    msgs: list = [SystemMessage("You review logs.")]
-    for i in range(turns):
-        msgs += [HumanMessage(f"turn {i} " + "log line with details " * 60), AIMessage("noted " * 50)]
-    msgs.append(HumanMessage("What is the root cause?"))
-    return msgs
 
 
 async def test_estimate_equals_the_servers_count_and_reconciles_to_it(

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.prompts import ChatPromptTemplate
-from openai_helpers import chat
+from openai_helpers import chat, long_history
 from pydantic import BaseModel
 
 from budgetguard import Budget, BudgetGuard
@@ -23,14 +22,6 @@ PROMPT = ChatPromptTemplate.from_messages([("system", "You are a careful assista
 
 
 pytestmark = pytest.mark.usefixtures("fresh_server")
-
-
-def long_history(turns: int) -> list:
-    msgs: list = [SystemMessage("You review logs.")]
-    for i in range(turns):
-        msgs += [HumanMessage(f"turn {i} " + "log line with details " * 60), AIMessage("noted " * 50)]
-    msgs.append(HumanMessage("What is the root cause?"))
-    return msgs
 
 
 async def test_too_long_prompt_is_compressed_and_no_400_is_ever_received(run: Any, server: StubOpenAIServer) -> None:
