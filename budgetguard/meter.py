@@ -40,13 +40,15 @@ import asyncio
 import inspect
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
+from langchain_core.runnables.config import ensure_config, var_child_runnable_config
 
 from budgetguard.errors import BudgetGuardError
 from budgetguard.estimate import model_from_params
@@ -60,7 +62,9 @@ if TYPE_CHECKING:
     from budgetguard.engine import BudgetEngine
     from budgetguard.tickets import Call, Ticket
 
-__all__ = ["AsyncMeter", "Invocation", "SyncMeter", "attach_meters", "meters_for"]
+__all__ = [
+    "AsyncMeter", "Invocation", "SyncMeter", "ametering_inside", "attach_meters", "metering_inside", "meters_for"
+]  # fmt: skip
 
 logger = logging.getLogger("budgetguard")
 
@@ -77,14 +81,18 @@ class Invocation:
 
     __slots__ = ("claimed", "engine", "has_async", "root_run_id", "scopes", "tickets")
 
-    def __init__(self, engine: BudgetEngine, config: Mapping[str, Any]) -> None:
+    def __init__(
+        self, engine: BudgetEngine, config: Mapping[str, Any], scoped: tuple[Any, UUID | None] | None = None
+    ) -> None:
         self.engine = engine
-        # raises MissingScopeError before any call; "run" is the guarded invocation's run
-        self.scopes = engine.scopes_for(config, runtime_context(config), run=config.get("run_id"))
+        if scoped is None:
+            # raises MissingScopeError before any call; "run" is the guarded invocation's run
+            scoped = (engine.scopes_for(config, runtime_context(config), run=config.get("run_id")), None)
+        self.scopes: Any = scoped[0]
+        self.root_run_id: UUID | None = scoped[1]
         self.tickets: dict[UUID, Ticket] = {}
         self.claimed: set[UUID] = set()
         self.has_async = False
-        self.root_run_id: UUID | None = None
 
     def claim(self, run_id: UUID) -> bool:
         """Claim a run for metering; ``False`` if the other meter already has it."""
@@ -280,13 +288,20 @@ class AsyncMeter(_Meter, AsyncCallbackHandler):
         await self._outer_ended(run_id, error)
 
 
-def meters_for(engine: BudgetEngine, config: RunnableConfig) -> list[BaseCallbackHandler]:
+def meters_for(
+    engine: BudgetEngine, config: RunnableConfig, scoped: tuple[Any, UUID | None] | None = None
+) -> list[BaseCallbackHandler]:
     """The handlers one guarded invocation attaches to its run.
+
+    Args:
+        engine: The guard.
+        config: The invocation's config (its scopes are looked up there).
+        scoped: The invocation's scopes and root run, when the caller knows them already.
 
     Raises:
         MissingScopeError: A per-key budget has no value in ``config``.
     """
-    inv = Invocation(engine, config)
+    inv = Invocation(engine, config, scoped)
     handlers: list[BaseCallbackHandler] = [SyncMeter(inv)]
     if asyncio._get_running_loop() is not None:  # no exception round trip, unlike get_running_loop()
         inv.has_async = True
@@ -294,13 +309,16 @@ def meters_for(engine: BudgetEngine, config: RunnableConfig) -> list[BaseCallbac
     return handlers
 
 
-def attach_meters(engine: BudgetEngine, config: RunnableConfig) -> None:
+def attach_meters(
+    engine: BudgetEngine, config: RunnableConfig, scoped: tuple[Any, UUID | None] | None = None
+) -> Invocation:
     """Give ``config``'s run this invocation's meters (a fresh config: changed in place).
 
     Meters of the same guard inherited from an enclosing guarded run are replaced: the inner
     invocation meters its own calls (with its own scopes), and no call is metered twice.
+    Returns the invocation the meters share.
     """
-    meters = meters_for(engine, config)
+    meters = meters_for(engine, config, scoped)
     callbacks = config.get("callbacks")
     if callbacks is None:
         config["callbacks"] = meters
@@ -314,6 +332,48 @@ def attach_meters(engine: BudgetEngine, config: RunnableConfig) -> None:
         for meter in meters:
             manager.add_handler(meter, inherit=True)
         config["callbacks"] = manager
+    return meters[0].inv  # type: ignore[attr-defined, no-any-return]
+
+
+@contextmanager
+def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> Iterator[None]:
+    """Meter, through callbacks, every model call made inside that the guard's copies do not send.
+
+    The agent middleware puts its model's metered copy in the request, but middlewares it
+    wraps may send the call to another model (``ModelFallbackMiddleware``'s fallbacks, a
+    model of another guard): the code inside runs with this guard's meters attached to the
+    config LangChain hands to whatever runs there (``var_child_runnable_config``, read by
+    ``ensure_config``), so no such call goes out unmetered. Calls still open when the code
+    inside is interrupted (a cancellation that skipped ``on_llm_error``) are settled then.
+    """
+    config = ensure_config()
+    inv = attach_meters(engine, config, scoped)
+    token = var_child_runnable_config.set(config)
+    try:
+        yield
+    except BaseException as exc:
+        for ticket in [*inv.leftovers("sync"), *inv.leftovers("async")]:
+            engine.end(ticket, Ending(None, exc))
+        raise
+    finally:
+        var_child_runnable_config.reset(token)
+
+
+@asynccontextmanager
+async def ametering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> AsyncIterator[None]:
+    """Async :func:`metering_inside`."""
+    config = ensure_config()
+    inv = attach_meters(engine, config, scoped)
+    token = var_child_runnable_config.set(config)
+    try:
+        yield
+    except BaseException as exc:
+        for ticket in [*inv.leftovers("sync"), *inv.leftovers("async")]:
+            # Shielded: a second cancellation while settling must not leave it held.
+            await asyncio.shield(engine.aend(ticket, Ending(None, exc)))
+        raise
+    finally:
+        var_child_runnable_config.reset(token)
 
 
 def _meters_of(handler: Any, engine: BudgetEngine) -> bool:

@@ -25,7 +25,11 @@ adds is what an agent knows:
 
 Order among LangChain's middlewares: list ``ModelFallbackMiddleware`` (and retry middlewares)
 *before* this one, so they are outer and catch ``BudgetExceeded`` and try their fallbacks,
-each metered. ``SummarizationMiddleware`` calls its own model outside the agent's model
+each metered with every policy. A middleware listed after this one that sends the call to
+another model (a fallback, a model of another guard) is still metered, through callback
+meters attached for the call (:func:`~budgetguard.meter.metering_inside`), with what those
+can do: reserve before the request and settle after, no request-rewriting policies.
+``SummarizationMiddleware`` calls its own model outside the agent's model
 calls: give it ``guard.model(llm)`` and its summaries are metered with the same scopes.
 """
 
@@ -45,6 +49,7 @@ from langgraph.channels.untracked_value import UntrackedValue
 from typing_extensions import NotRequired, override
 
 from budgetguard.errors import BudgetExceeded, ConfigurationError
+from budgetguard.meter import ametering_inside, metering_inside
 from budgetguard.metered import INVOCATION, metered_by, metered_copy
 from budgetguard.runtime_context import context_mapping
 
@@ -147,9 +152,11 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> ModelResponse | AIMessage:
         """Meter the model call: estimated, reserved (policies), sent, settled."""
-        token = INVOCATION.set(self._scoped(request.state, request.runtime))
+        scoped = self._scoped(request.state, request.runtime)
+        token = INVOCATION.set(scoped)
         try:
-            return handler(self._metered(request))
+            with metering_inside(self.engine, scoped[self.engine.uid]):
+                return handler(self._metered(request))
         except BudgetExceeded as exc:
             return self._refused(exc)
         finally:
@@ -160,9 +167,11 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> ModelResponse | AIMessage:
         """Async :meth:`wrap_model_call`."""
-        token = INVOCATION.set(self._scoped(request.state, request.runtime))
+        scoped = self._scoped(request.state, request.runtime)
+        token = INVOCATION.set(scoped)
         try:
-            return await handler(self._metered(request))
+            async with ametering_inside(self.engine, scoped[self.engine.uid]):
+                return await handler(self._metered(request))
         except BudgetExceeded as exc:
             return self._refused(exc)
         finally:
@@ -186,7 +195,9 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
 
     @override
     def wrap_tool_call(
-        self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], ToolMessage | Command[Any]]
+        self,
+        request: ToolCallRequest,
+        handler: Callable[[ToolCallRequest], ToolMessage | Command[Any]],
     ) -> ToolMessage | Command[Any]:
         """Charge the tool-call budgets that count this tool, one each, or refuse the call."""
         hold = self._tool_hold(request)

@@ -307,6 +307,52 @@ async def test_model_fallback_middleware_catches_the_refusal(mode: str, server: 
     assert guard.store.open_reservations() == 0
 
 
+async def test_a_fallback_listed_inside_the_guard_is_metered_too(
+    mode: str, server: StubOpenAIServer, ledger: Ledger
+) -> None:
+    # The wrong order: the fallback middleware is inner, so it sends its own model after the
+    # guard's copy was refused. That call goes through the meters the middleware attached.
+    guard = BudgetGuard([Budget("usd", limit=0.004, unit="usd"), Budget("tok", limit=100_000)], ledger=ledger)
+    fallback = ModelFallbackMiddleware(chat(server, "gpt-4o-mini"))
+    agent = agent_for(chat(server, "gpt-4o", max_tokens=1000), [guard.middleware(), fallback])
+    await ask(mode, agent, QUESTION, thread())
+    assert [r.model for r in server.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+    assert guard.remaining("tok") == 100_000 - spent(server)
+    records = [r for r in ledger.records() if r.outcome != "denied"]
+    assert [(r.model_used, r.outcome) for r in records] == [("gpt-4o-mini", "ok")] * 2
+    assert {r.scope.get("user_id") for r in records} == {None}  # global budgets only
+    assert len({r.root_run_id for r in records}) == 1
+    assert guard.store.open_reservations() == 0
+
+
+async def test_a_model_of_another_guard_is_charged_by_both(mode: str, server: StubOpenAIServer) -> None:
+    outer = BudgetGuard([Budget("team", limit=10_000)], ledger=False)
+    inner = BudgetGuard([Budget("per-user", limit=10_000, per="user_id")], ledger=False)
+    agent = agent_for(inner.model(chat(server)), [outer.middleware()])
+    await ask(mode, agent, QUESTION, thread())
+    assert len(server.requests) == 2
+    assert outer.remaining("team") == 10_000 - spent(server)
+    assert inner.remaining("per-user", user_id="alice") == 10_000 - spent(server)
+
+
+async def test_a_cancelled_fallback_call_inside_the_guard_holds_nothing(
+    server: StubOpenAIServer, ledger: Ledger
+) -> None:
+    guard = BudgetGuard([Budget("usd", limit=0.004, unit="usd"), Budget("tok", limit=100_000)], ledger=ledger)
+    fallback = ModelFallbackMiddleware(chat(server, "gpt-4o-mini"))
+    agent = agent_for(chat(server, "gpt-4o", max_tokens=1000), [guard.middleware(), fallback])
+    server.enqueue(ScriptedResponse(latency=5.0))
+    task = asyncio.create_task(agent.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=ALICE))
+    while server.request_count == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert guard.store.open_reservations() == 0
+    assert guard.remaining("tok") == 100_000 - server.requests[0].prompt_tokens
+    assert [r.outcome for r in ledger.records() if r.outcome != "denied"] == ["cancelled"]
+
+
 async def test_summarization_middlewares_summary_call_is_metered(mode: str, server: StubOpenAIServer) -> None:
     guard = BudgetGuard([Budget("per-user", limit=100_000, per="user_id")], ledger=False)
     summarizer = SummarizationMiddleware(
