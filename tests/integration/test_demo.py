@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 
 from budgetguard.demo import run_demo
+
+README = Path(__file__).parents[2] / "README.md"
 from budgetguard.ledger import open_ledger
 
 
@@ -26,6 +28,10 @@ def test_demo_transcript_shows_every_decision(tmp_path: Path, capsys) -> None:
     rows = {r["user"]: r for r in (row.to_dict() for row in open_ledger(ledger).totals(by="user"))}
     assert set(rows) >= {"alice", "bob", "carol", "erin"}  # dave's guard has no per-user budget
     assert rows["carol"]["denied"] == 1
+    # The README quotes the transcript: every line it quotes is a line the demo prints.
+    excerpt = README.read_text().split("An excerpt of the demo's transcript:", 1)[1].split("```text\n", 1)[1]
+    quoted = excerpt.split("```", 1)[0].splitlines()
+    assert quoted and [line for line in quoted if line not in text.splitlines()] == []
 
 
 def test_cli_status_reads_a_guard(tmp_path: Path, monkeypatch, capsys) -> None:
