@@ -115,7 +115,7 @@ def _price_today(model: Any, today: datetime) -> tuple[Any, str]:
 def _model_info(ref: str, provider: Any, model: Any) -> ModelInfo:
     today = datetime.now(timezone.utc)
     price, since = _price_today(model, today)
-    source = f"{SOURCE}: {provider.id}/{model.id}, list price on {today.date().isoformat()}{since}"
+    source = f"{SOURCE}: {provider.id}/{model.id}, its list price for {today.date().isoformat()}{since}"
     if any(getattr(price, unit, None) is not None for unit in _PER_CALL_UNITS):
         return ModelInfo(ref, None, None, context_window=model.context_window,
                          source=f"{source}; billed per request or character, which budgetguard does not price")

@@ -18,7 +18,7 @@ def test_a_models_prices_window_source_and_date(capsys: pytest.CaptureFixture[st
     assert gpt.splitlines()[0] == "gpt-5.1"
     assert "input          $1.25 per 1M tokens" in gpt and "output         $10.00 per 1M tokens" in gpt
     assert "cached input   $0.125 per 1M tokens" in gpt and "context window 400,000 tokens" in gpt
-    assert f"source         genai-prices {genai_prices.__version__}: openai/gpt-5.1, list price on 20" in gpt
+    assert f"source         genai-prices {genai_prices.__version__}: openai/gpt-5.1, its list price for 20" in gpt
     assert "prompts over 200,000 tokens: the whole call at input $6.00, cached $0.60, output $22.50" in claude
 
 

@@ -100,7 +100,7 @@ def test_a_newer_version_is_never_priced_as_an_older_one(model: str) -> None:
 
 def test_bundled_prices_name_their_source_and_date() -> None:
     info = PriceTable.bundled().require_price("gpt-4o-2024-08-06")
-    assert info.source.startswith(f"genai-prices {genai_prices.__version__}: openai/gpt-4o, list price on 20")
+    assert info.source.startswith(f"genai-prices {genai_prices.__version__}: openai/gpt-4o, its list price for 20")
     o3 = PriceTable.bundled().require_price("o3")  # cut from $10/$40 on 2025-06-10: the price in effect today
     assert (o3.input_cost_per_token, o3.output_cost_per_token) == (2e-06, 8e-06)
     assert o3.source.endswith("since 2025-06-10")
