@@ -97,14 +97,14 @@ class BudgetEngine:
                 msg = f"policies must be overflow policies (budgetguard.policies), got {policy!r}"
                 raise ConfigurationError(msg)
         from budgetguard.ledger import check_ledger_path
+        from budgetguard.recording import check_ledger_argument, resolve_ledger
 
+        check_ledger_argument(ledger)
         check_ledger_path(ledger)  # before the store is built: a bad ledger path must leave no store file behind
         self.store: Store = resolve_store(store, self.clock)
         self.prices = prices if prices is not None else PriceTable.bundled()
         self.estimator = estimator if estimator is not None else TokenEstimator()
         self.policies: tuple[OverflowPolicy, ...] = tuple(policies)
-        from budgetguard.recording import resolve_ledger
-
         self._ledger = resolve_ledger(ledger)
         self.alerts = alerts
         self.lease_seconds = float(lease_seconds)

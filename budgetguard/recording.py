@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from budgetguard.errors import ConfigurationError
 from budgetguard.tickets import Call, Ticket, flat_scope
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from budgetguard.usage import Usage
 
 __all__ = [
+    "check_ledger_argument",
     "default_ledger",
     "record_denied",
     "record_expired",
@@ -56,6 +58,21 @@ def default_ledger() -> Ledger | None:
                 logger.warning("budgetguard: cannot open the default ledger (%s); not recording", exc)
                 return None
         return _DEFAULT
+
+
+def check_ledger_argument(ledger: Any) -> None:
+    """Refuse a guard's ``ledger=`` that is not one, before anything is built.
+
+    Raises:
+        ConfigurationError: ``ledger`` is neither a path or ``postgresql://`` URL, ``None``,
+            ``False``, nor an object with a ``record`` method (a :class:`~budgetguard.ledger.Ledger`).
+    """
+    if ledger is None or ledger is False or isinstance(ledger, (str, os.PathLike)):
+        return
+    if not callable(getattr(ledger, "record", None)):
+        msg = (f"ledger={ledger!r} ({type(ledger).__name__}) is not a ledger; pass a file path, a "
+               "'postgresql://' URL, a budgetguard.ledger.Ledger, None for the default ledger, or False for none")
+        raise ConfigurationError(msg)
 
 
 def resolve_ledger(ledger: Any) -> Any:

@@ -110,6 +110,14 @@ def test_a_ledger_path_under_a_regular_file_is_refused(tmp_path: Path) -> None:
     assert sorted(tmp_path.rglob("*")) == before  # no directory or file was made
 
 
+@pytest.mark.parametrize("ledger", [42, True, object(), ["ledger.sqlite3"]])
+def test_a_ledger_that_is_not_one_is_refused_at_construction(tmp_path: Path, ledger: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"is not a ledger; pass a file path, a 'postgresql://' URL") as info:
+        BudgetGuard(BUDGETS, store=f"sqlite:///{tmp_path / 'budgets.db'}", ledger=ledger)
+    assert type(ledger).__name__ in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # refused before the store was made
+
+
 def test_a_bad_ledger_leaves_no_store_file_and_a_bad_store_no_ledger_file(
     tmp_path: Path, no_redis_store: list[str]
 ) -> None:
