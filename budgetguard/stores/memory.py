@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
+import os
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 
 from budgetguard.clock import Clock, SystemClock
+from budgetguard.errors import ConfigurationError
 from budgetguard.stores.base import (
     JOURNAL_REPORT,
     BucketSpec,
@@ -26,11 +31,15 @@ from budgetguard.stores.base import (
 
 __all__ = ["MemoryStore"]
 
+logger = logging.getLogger("budgetguard")
+
 _RESERVED = ReserveResult(True)  # results are immutable: the common one is shared
 
 # Due buckets each reserve or settle forgets at most: a call creates a bucket per scope it
 # is the first to use, so this keeps up with new scopes while no call pays for a backlog.
 _FORGET_PER_CALL = 8
+# Due buckets the background pass forgets per hold of the lock (about a millisecond).
+_FORGET_PER_PASS = 1_000
 
 
 class MemoryStore:
@@ -43,19 +52,32 @@ class MemoryStore:
     exactly what a bucket never used grants, and one is made, full, when it is next used.
     So the store keeps the buckets in use, not one per scope value ever seen. Each bucket
     written is checked once it should be full again (refilled, or reset by its period);
-    each reserve or settle forgets a few such buckets, :meth:`sweep` all of them. What is
-    lost is the forgotten bucket's ``spent`` (a snapshot reads 0 again, as for a new
-    bucket): that is the ledger's job.
+    each reserve or settle forgets a few such buckets, and a background thread forgets the
+    rest every ``forget_every`` seconds (so an idle process gives the memory back too), as
+    does :meth:`sweep`. What is lost is the forgotten bucket's ``spent`` (a snapshot reads 0
+    again, as for a new bucket): that is the ledger's job.
 
     Swept leases wait in a journal until acknowledged, as on every store (this one dies
     with its process, but callers get one contract).
 
     Args:
         clock: Time source (inject :class:`~budgetguard.clock.FakeClock` in tests).
+        forget_every: Seconds between the background thread's passes (started with the
+            first bucket written: one daemon thread for every store of the process, which
+            holds the stores weakly and ends when none is left or all are closed);
+            ``None`` for no thread (calls and :meth:`sweep` still forget).
+
+    Raises:
+        ConfigurationError: ``forget_every`` is not a positive number or ``None``.
     """
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, *, forget_every: float | None = 60.0) -> None:
+        if forget_every is not None and not (isinstance(forget_every, (int, float)) and forget_every > 0):
+            msg = f"forget_every must be a positive number of seconds or None, got {forget_every!r}"
+            raise ConfigurationError(msg)
         self.clock: Clock = clock or SystemClock()
+        self.forget_every = forget_every
+        self._forgetting = False  # whether the background pass has this store
         self._lock = threading.Lock()
         self._buckets: dict[str, BucketState] = {}
         self._open: dict[str, tuple[list[Held], float, ReserveRequest]] = {}
@@ -144,9 +166,13 @@ class MemoryStore:
             return  # only a refund can fill it, and the settle that refunds schedules it
         self._scheduled.add(spec.key)
         heapq.heappush(self._full_at, (now + wait, spec.key, spec))
+        if not self._forgetting and self.forget_every is not None:
+            self._forgetting = True
+            _FORGETTING.add(self, self.forget_every)
 
-    def _forget_locked(self, now: float, limit: float) -> None:
-        """Forget up to ``limit`` due buckets that are full and unheld."""
+    def _forget_locked(self, now: float, limit: float, compact: bool = True) -> None:
+        """Forget up to ``limit`` due buckets that are full and unheld (and give the memory
+        of forgotten ones back, unless ``compact`` is false)."""
         heap, buckets = self._full_at, self._buckets
         later: list[tuple[BucketSpec, BucketState]] = []
         while heap and heap[0][0] <= now and limit > 0:
@@ -168,11 +194,15 @@ class MemoryStore:
         # again, and would otherwise be popped again in this pass, forever.
         for spec, fresh in later:
             self._schedule_state(spec, fresh, now)
-        if self._forgotten > len(buckets) + 1024:
+        if compact:
+            self._compact_locked()
+
+    def _compact_locked(self) -> None:
+        if self._forgotten > len(self._buckets) + 1024:
             # A dict or set keeps its table when entries are deleted (until later inserts
             # grow it again): copied, they give the memory of forgotten buckets back now.
             # The copy costs less than the deletions it follows.
-            self._buckets = dict(buckets)
+            self._buckets = dict(self._buckets)
             self._scheduled = set(self._scheduled)
             self._forgotten = 0
 
@@ -234,6 +264,21 @@ class MemoryStore:
             stored = self._buckets.get(spec.key)
             return refresh(stored.copy() if stored is not None else None, spec, now)
 
+    def forget_due(self) -> None:
+        """Forget every due bucket that is full and unheld, a thousand at a time (the lock is
+        let go between batches, so calls go on meanwhile). The background thread's pass."""
+        now = self.clock.now()
+        for _ in range(len(self._full_at) // _FORGET_PER_PASS + 1):
+            with self._lock:
+                self._forget_locked(now, _FORGET_PER_PASS, compact=False)
+                if not (self._full_at and self._full_at[0][0] <= now):
+                    break
+        # Compacted once, at the end: what a copy allocates in this thread lands in glibc's
+        # arena for it, which keeps freed memory; copying the few buckets left after an idle
+        # spell costs next to nothing (a copy after each batch kept ~30 MB there for 1M users).
+        with self._lock:
+            self._compact_locked()
+
     def sweep(self) -> tuple[ExpiredLease, ...]:
         """Settle expired leases at their reserved amounts into the journal and report it;
         forget every full, unheld bucket."""
@@ -255,7 +300,9 @@ class MemoryStore:
             return len(self._open)
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Stop the background pass (the store still works; calls still forget)."""
+        _FORGETTING.remove(self)
+        self.forget_every = None
 
     async def areserve(self, request: ReserveRequest) -> ReserveResult:
         """Same as :meth:`reserve` (no I/O)."""
@@ -278,4 +325,66 @@ class MemoryStore:
         self.acknowledge(ids)
 
     async def aclose(self) -> None:
-        """Nothing to release."""
+        """Same as :meth:`close`."""
+        self.close()
+
+
+
+class _Forgetting:
+    """One daemon thread for every memory store of the process: it calls each store's
+    :meth:`MemoryStore.forget_due` every ``forget_every`` seconds. Stores are held weakly;
+    the thread ends when none is left (or every one is closed), and starts again with the
+    next store that writes a bucket."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next: weakref.WeakKeyDictionary[MemoryStore, float] = weakref.WeakKeyDictionary()
+        self._thread: threading.Thread | None = None
+
+    def add(self, store: MemoryStore, every: float) -> None:
+        with self._lock:
+            self._next[store] = time.monotonic() + every
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="budgetguard-forget", daemon=True)
+                self._thread.start()
+
+    def remove(self, store: MemoryStore) -> None:
+        with self._lock:
+            self._next.pop(store, None)
+
+    def _run(self) -> None:
+        while (wait := self._pass()) is not None:
+            time.sleep(wait)
+
+    def _pass(self) -> float | None:
+        """Forget what is due in each store whose turn it is; the seconds until the next turn,
+        or ``None`` when no store is left (the thread ends). Stores are not held after it."""
+        with self._lock:
+            now = time.monotonic()
+            due = [store for store, at in self._next.items() if at <= now]
+            for store in due:
+                self._next[store] = now + (store.forget_every or 60.0)
+            if not self._next:
+                self._thread = None
+                return None
+            wait = min(self._next.values()) - now
+        for store in due:
+            try:
+                store.forget_due()
+            except Exception:  # the thread must go on for the other stores
+                logger.exception("budgetguard: forgetting full buckets failed; retried next pass")
+        return max(wait, 0.0)
+
+    def after_fork_in_child(self) -> None:
+        # The child has the parent's stores but not this thread: each starts it again
+        # when it next writes a bucket.
+        self._lock = threading.Lock()
+        for store in list(self._next):
+            store._forgetting = False
+        self._next = weakref.WeakKeyDictionary()
+        self._thread = None
+
+
+_FORGETTING = _Forgetting()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_FORGETTING.after_fork_in_child)

@@ -2,17 +2,23 @@
 
 That no grant changes, on every store, is tests/contract/test_forgetting.py; here: a held
 bucket is kept, one that never refills is kept, a refund can make one forgettable, one a
-hair short of full is kept, a stream of one-off users stays bounded without a sweep, and
-the dict and set give their memory back.
+hair short of full is kept, a stream of one-off users stays bounded without a sweep, the
+dict and set give their memory back, and an idle store forgets in the background.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
 from budgetguard.clock import FakeClock
+from budgetguard.errors import ConfigurationError
+from budgetguard.stores import memory
 from budgetguard.stores import BucketSpec, Charge, MemoryStore, ReserveRequest
 
 
@@ -97,3 +103,83 @@ def test_forgetting_gives_the_memory_back() -> None:
     assert store._buckets == {}
     # A dict or set keeps its table when emptied; the store copies them.
     assert sys.getsizeof(store._buckets) + sys.getsizeof(store._scheduled) < big / 100
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def forgetting(monkeypatch: pytest.MonkeyPatch) -> memory._Forgetting:
+    """A background pass of its own, so other tests' stores do not keep its thread going."""
+    own = memory._Forgetting()
+    monkeypatch.setattr(memory, "_FORGETTING", own)
+    return own
+
+
+def test_an_idle_store_forgets_in_the_background(forgetting: memory._Forgetting) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock, forget_every=0.01)
+    specs = [BucketSpec(f"u\x1fuser={i}", 100.0, refill_per_second=1.0) for i in range(5_000)]
+    for i, spec in enumerate(specs):
+        assert store.reserve(ReserveRequest(f"r{i}", (Charge(spec, 30.0),))).ok
+        assert store.settle(f"r{i}", [30.0])
+    assert len(store._buckets) == 5_000
+    time.sleep(0.05)
+    assert len(store._buckets) == 5_000  # not full yet: nothing to forget
+    clock.advance(3600)  # every bucket refilled; no call comes
+    assert _wait_for(lambda: not store._buckets)
+    assert store.snapshot(specs[0]).level == 100.0
+
+
+def test_the_background_pass_keeps_held_and_unfilled_buckets(forgetting: memory._Forgetting) -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock, forget_every=0.01)
+    held, slow = BucketSpec("held", 100.0, refill_per_second=10.0), BucketSpec("slow", 100.0, refill_per_second=0.001)
+    assert store.reserve(ReserveRequest("h", (Charge(held, 5.0),))).ok
+    assert store.reserve(ReserveRequest("s", (Charge(slow, 50.0),))).ok
+    assert store.settle("s", [50.0])
+    clock.advance(60)
+    thread = forgetting._thread
+    assert thread is not None
+    time.sleep(0.1)  # several passes
+    assert set(store._buckets) == {"held", "slow"}
+    assert store.settle("h", [5.0])
+    assert _wait_for(lambda: set(store._buckets) == {"slow"})
+
+
+def test_the_background_thread_ends_with_its_stores(forgetting: memory._Forgetting) -> None:
+    def used() -> MemoryStore:  # a bucket written (and so scheduled): the pass has the store
+        store = MemoryStore(FakeClock(), forget_every=0.01)
+        assert store.reserve(ReserveRequest("a", (Charge(BucketSpec("b", 10.0, refill_per_second=1.0), 1.0),))).ok
+        assert store.settle("a", [1.0])
+        return store
+
+    store, closed = used(), used()
+    thread = forgetting._thread
+    assert thread is not None and thread.is_alive()
+    closed.close()
+    time.sleep(0.05)
+    assert thread.is_alive()  # the other store is still there
+    del store
+    gc.collect()
+    assert _wait_for(lambda: not thread.is_alive())
+    assert forgetting._thread is None
+
+
+def test_no_background_pass_when_asked_for_none(forgetting: memory._Forgetting) -> None:
+    store = MemoryStore(FakeClock(), forget_every=None)
+    assert store.reserve(ReserveRequest("a", (Charge(BucketSpec("b", 10.0, refill_per_second=1.0), 1.0),))).ok
+    assert store.settle("a", [1.0])
+    assert store._full_at and forgetting._thread is None
+
+
+@pytest.mark.parametrize("every", [0, -1.0, "60", math.nan])
+def test_forget_every_must_be_a_positive_number(every: object) -> None:
+    with pytest.raises(ConfigurationError, match="forget_every must be a positive number of seconds or None"):
+        MemoryStore(forget_every=every)  # type: ignore[arg-type]
