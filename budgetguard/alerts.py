@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any, Union
 
 from budgetguard.errors import ConfigurationError
+from budgetguard.money import format_usd
 
 __all__ = ["AlertEvent", "Alerts"]
 
@@ -46,7 +47,9 @@ _Key = tuple[str, tuple[tuple[str, str], ...], Union[float, None], float]  # noq
 
 
 def _amount(value: float, unit: str) -> str:
-    return f"${value:,.2f}" if unit == "usd" else f"{value:,.0f} tokens"
+    if unit == "usd":
+        return format_usd(value)
+    return f"{value:,.0f} {'tool calls' if unit == 'tool_calls' else unit}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ def _load_guard(path: str) -> Any:
 
 def _status(args: argparse.Namespace) -> int:
     from budgetguard.errors import BudgetGuardError
+    from budgetguard.money import format_usd
     from budgetguard.stores.memory import MemoryStore
 
     try:
@@ -49,8 +50,7 @@ def _status(args: argparse.Namespace) -> int:
                 continue
             sc = {key: scope[key]} if key else {}
             left = guard.remaining(budget.name, **sc)
-            unit = "$" if budget.unit == "usd" else ""
-            fmt = (lambda v: f"{unit}{v:,.4f}") if budget.unit == "usd" else (lambda v: f"{v:,.0f}")
+            fmt = format_usd if budget.unit == "usd" else (lambda v: f"{v:,.0f}")
             notes = []
             bounds = budget.period_bounds(guard.clock.now())
             if bounds:

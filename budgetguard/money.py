@@ -1,7 +1,8 @@
 """How budgetguard writes dollars: to the cent from a dollar up, three significant digits below.
 
-One rule for every place a cost is shown (errors, reports, the demo), so a cheap call is
-never written ``$0.0000``.
+One rule for every place a cost is shown (errors, reports, ``budgetguard status``, alerts),
+so a cheap call is never written ``$0.0000``. (The demo alone prints six places, to show a
+day's total move by each call.)
 """
 
 from __future__ import annotations

@@ -180,3 +180,15 @@ def test_event_fraction_and_message_for_global_budget() -> None:
     event = AlertEvent("global", {}, 1.0, 120_000, 100_000, "tokens", None, 0.0)
     assert event.fraction == 1.2
     assert event.message == "budget 'global' reached 100% of its limit: 120,000 tokens of 100,000 tokens used (120%)"
+
+
+@pytest.mark.parametrize(
+    ("unit", "used", "limit", "text"),
+    [
+        ("usd", 0.000125, 0.0001, "$0.000125 of $0.0001 used"),
+        ("calls", 21, 20, "21 calls of 20 calls used"),
+        ("tool_calls", 6, 5, "6 tool calls of 5 tool calls used"),
+    ],
+)
+def test_the_message_names_each_unit_and_tells_cheap_amounts_apart(unit: str, used: float, limit: float, text: str) -> None:
+    assert text in AlertEvent("b", {}, 1.0, used, limit, unit, None, 0.0).message
