@@ -141,10 +141,12 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         model = request.model
         if metered_by(model) is not None:
             return request
-        entry = self._copies.get(id(model))
+        key = id(model)
+        entry = self._copies.get(key)
         if entry is None or entry[0]() is not model:
-            entry = (ref(model), metered_copy(model, self.engine))
-            self._copies[id(model)] = entry
+            # The entry goes with its model (a model made per call leaves nothing behind).
+            entry = (ref(model, lambda _, copies=self._copies: copies.pop(key, None)), metered_copy(model, self.engine))
+            self._copies[key] = entry
         return request.override(model=entry[1])
 
     @override

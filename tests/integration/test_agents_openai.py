@@ -9,6 +9,7 @@ cl100k, as the server counts, so the guard's charges can be compared with the se
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from langchain.agents import create_agent
-from langchain.agents.middleware import ModelFallbackMiddleware, SummarizationMiddleware
+from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware, SummarizationMiddleware
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
@@ -323,6 +324,24 @@ async def test_a_fallback_listed_inside_the_guard_is_metered_too(
     assert {r.scope.get("user_id") for r in records} == {None}  # global budgets only
     assert len({r.root_run_id for r in records}) == 1
     assert guard.store.open_reservations() == 0
+
+
+async def test_models_made_per_call_leave_no_copies_behind(mode: str, server: StubOpenAIServer) -> None:
+    class FreshModel(AgentMiddleware):  # dynamic model selection: a new model object per call
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            return handler(request.override(model=chat(server, "gpt-4o-mini")))
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            return await handler(request.override(model=chat(server, "gpt-4o-mini")))
+
+    guard = BudgetGuard([Budget("g", limit=10_000)], ledger=False)
+    middleware = guard.middleware()
+    agent = agent_for(chat(server), [FreshModel(), middleware])
+    await ask(mode, agent, QUESTION, thread())
+    assert [r.model for r in server.requests] == ["gpt-4o-mini", "gpt-4o-mini"]
+    assert guard.remaining("g") == 10_000 - spent(server)
+    gc.collect()
+    assert len(middleware._copies) == 0
 
 
 async def test_a_model_of_another_guard_is_charged_by_both(mode: str, server: StubOpenAIServer) -> None:
