@@ -36,6 +36,7 @@ calls: give it ``guard.model(llm)`` and its summaries are metered with the same 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from uuid import UUID
 from weakref import ref
@@ -145,7 +146,7 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         entry = self._copies.get(key)
         if entry is None or entry[0]() is not model:
             # The entry goes with its model (a model made per call leaves nothing behind).
-            entry = (ref(model, lambda _, copies=self._copies: copies.pop(key, None)), metered_copy(model, self.engine))
+            entry = (ref(model, partial(_forget, self._copies, key)), metered_copy(model, self.engine))
             self._copies[key] = entry
         return request.override(model=entry[1])
 
@@ -245,6 +246,10 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
             status="error",
             response_metadata={"budgetguard": _denial_fields(error)},
         )
+
+
+def _forget(copies: dict[int, Any], key: int, _gone: object) -> None:
+    copies.pop(key, None)
 
 
 def _denial_fields(error: BudgetExceeded) -> dict[str, Any]:
