@@ -9,8 +9,9 @@ The chain is ``ChatPromptTemplate | ChatOpenAI`` (the real client, over HTTP, wi
 server (``budgetguard.testing.StubOpenAIServer``), which waits 50 ms before answering each
 request. The server runs in a process of its own, so its CPU is not this process's. The
 guarded chain is ``guard | chain`` with a global and a per-user budget (100 users) and no
-ledger, on each store: ``memory://``, a SQLite file, and Redis from a URL (a private
-redis-server).
+ledger, on each store: ``memory://``, a SQLite file, Redis from a URL, and Redis through
+the application's own clients (``redis.Redis`` and ``redis.asyncio.Redis`` on redis-py's
+default pools; ``redis-client``), both on a private redis-server.
 
 At each level N, ``N`` tasks on one event loop make ``calls`` ``ainvoke``s in all, each
 task one after the other. A round runs every case once (the order rotated each round, so
@@ -58,7 +59,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 LATENCY = 0.05
 USERS = 100
-CASES = ("bare", "memory", "sqlite", "redis")
+CASES = ("bare", "memory", "sqlite", "redis", "redis-client")
 
 
 def serve(port_queue: Any, stop: Any) -> None:
@@ -110,18 +111,35 @@ def make_chain(base_url: str, level: int, counter: InFlight) -> Any:
     return prompt | llm, client
 
 
-def make_store(case: str, tmp: Path, redis_url: str) -> Any:
+def make_store(case: str, tmp: Path, redis_url: str) -> tuple[Any, Any]:
+    """The store of a case, and a coroutine function that closes it (and its clients)."""
     from budgetguard.stores import MemoryStore
 
     if case == "memory":
-        return MemoryStore()
-    if case == "sqlite":
+        store: Any = MemoryStore()
+    elif case == "sqlite":
         from budgetguard.stores.sqlite import SQLiteStore
 
-        return SQLiteStore(tmp / f"bench-{uuid.uuid4().hex[:8]}.db")
-    from budgetguard.stores.redis import RedisStore
+        store = SQLiteStore(tmp / f"bench-{uuid.uuid4().hex[:8]}.db")
+    else:
+        from budgetguard.stores.redis import RedisStore
 
-    return RedisStore(redis_url, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+        namespace = f"bench-{uuid.uuid4().hex[:8]}"
+        if case == "redis":
+            store = RedisStore(redis_url, namespace=namespace)
+        else:  # the application's own clients, on redis-py's default pools
+            import redis
+
+            sync_client, async_client = redis.Redis.from_url(redis_url), redis.asyncio.Redis.from_url(redis_url)
+            store = RedisStore(sync_client, async_client=async_client, namespace=namespace)
+
+            async def close_all() -> None:
+                await store.aclose()
+                await async_client.aclose()
+                sync_client.close()
+
+            return store, close_all
+    return store, store.aclose
 
 
 async def guard_cpu(case: str, tmp: Path, redis_url: str, chunks: int = 7, per_chunk: int = 200) -> float:
@@ -135,7 +153,7 @@ async def guard_cpu(case: str, tmp: Path, redis_url: str, chunks: int = 7, per_c
 
     prompt = ChatPromptTemplate.from_messages([("system", "You answer briefly."), ("human", "{q}")])
     bare = prompt | UsageFakeChatModel(model_name="gpt-4o-mini", max_tokens=40, input_tokens=20)
-    store = make_store(case, tmp, redis_url)
+    store, close = make_store(case, tmp, redis_url)
     guard = BudgetGuard(
         [Budget("global", limit=1e12), Budget("per-user", limit=1e10, per="user_id")], store=store, ledger=False
     )
@@ -149,7 +167,7 @@ async def guard_cpu(case: str, tmp: Path, redis_url: str, chunks: int = 7, per_c
                 await chain.ainvoke({"q": f"Question {i}"}, {"configurable": {"user_id": f"u{i % USERS}"}})
             if chunk:  # the first chunk warms
                 costs[name].append((time.process_time() - cpu0) / per_chunk)
-    await store.aclose()
+    await close()
     return statistics.median(costs["guard"]) - statistics.median(costs["bare"])
 
 
@@ -162,9 +180,9 @@ async def run_case(
 
     counter = InFlight()
     chain, client = make_chain(base_url, level, counter)
-    store = None
+    close = None
     if case != "bare":
-        store = make_store(case, tmp, redis_url)
+        store, close = make_store(case, tmp, redis_url)
         guard = BudgetGuard(
             [Budget("global", limit=1e12), Budget("per-user", limit=1e10, per="user_id")], store=store, ledger=False
         )
@@ -194,15 +212,15 @@ async def run_case(
     gc.unfreeze()
     server = {name: (cpu_seconds(pid) - server0[name]) / calls for name, pid in pids.items()}
     await client.aclose()
-    if store is not None:
-        await store.aclose()
+    if close is not None:
+        await close()
     return {
         "rate": calls / wall,
         "cpu": cpu / calls,
         "most": counter.most,
         "errors": errors,
         "stub_cpu": server["stub"],
-        "redis_cpu": server.get("redis", 0.0) if case == "redis" else 0.0,
+        "redis_cpu": server.get("redis", 0.0) if case.startswith("redis") else 0.0,
     }
 
 
@@ -233,7 +251,7 @@ def main() -> None:
             ratios: dict[str, list[float]] = {c: [] for c in CASES if c != "bare"}
             cpu_ratios: dict[str, list[float]] = {c: [] for c in CASES if c != "bare"}
             for r in range(args.rounds):
-                order = CASES[r % 4 :] + CASES[: r % 4]  # each case in each position in turn
+                order = CASES[r % len(CASES) :] + CASES[: r % len(CASES)]  # each case in each position in turn
                 round_results = {}
                 for case in order:
                     round_results[case] = asyncio.run(
@@ -245,7 +263,7 @@ def main() -> None:
                     cpu_ratios[case].append(round_results["bare"]["cpu"] / round_results[case]["cpu"])
             print(f"\nN = {level} in flight, {calls} calls per case, {args.rounds} rounds, load {os.getloadavg()[0]:.2f}")
             print(
-                f"  {'case':<7} {'in flight':>9} {'errors':>6} {'calls/s':>8} {'ratio [range]':>20} {'CPU/call':>9} "
+                f"  {'case':<12} {'in flight':>9} {'errors':>6} {'calls/s':>8} {'ratio [range]':>20} {'CPU/call':>9} "
                 f"{'CPU ratio [range]':>20} {'guard CPU':>9} {'expected':>8} {'stub':>7} {'redis':>6}"
             )
             bare_cpu = statistics.median(x["cpu"] for x in results["bare"])
@@ -260,9 +278,9 @@ def main() -> None:
                     expected = f"{bare_cpu / (bare_cpu + overhead[case]):.3f}"
                 else:
                     ratio, cpu_ratio, extra, expected = "1", "1", "", ""
-                redis_cpu = f"{statistics.median(x['redis_cpu'] for x in xs) * 1e6:.0f} us" if case == "redis" else ""
+                redis_cpu = f"{statistics.median(x['redis_cpu'] for x in xs) * 1e6:.0f} us" if case.startswith("redis") else ""
                 print(
-                    f"  {case:<7} {min(x['most'] for x in xs):>4}-{max(x['most'] for x in xs):<4} "
+                    f"  {case:<12} {min(x['most'] for x in xs):>4}-{max(x['most'] for x in xs):<4} "
                     f"{sum(x['errors'] for x in xs):>6} {statistics.median(x['rate'] for x in xs):>8.1f} {ratio:>20} "
                     f"{cpu * 1e6:>6.0f} us {cpu_ratio:>20} {extra:>9} {expected:>8} "
                     f"{statistics.median(x['stub_cpu'] for x in xs) * 1e6:>4.0f} us {redis_cpu:>6}"
