@@ -55,7 +55,7 @@ SPECS = {
     "pool": BucketSpec("pool", 200.0, 0.0, PeriodRule("hour")),
 }
 BORROWERS = ["plain", "refill", "minute", "hourly"]
-EXAMPLES = {"memory": 1000, "sqlite": 400, "redis": 150}
+EXAMPLES = {"memory": 1000, "sqlite": 1000, "redis": 200}  # at least what the earlier ad-hoc machine ran
 
 
 # -- the model ---------------------------------------------------------------------------
