@@ -382,3 +382,44 @@ def test_a_stale_journal_size_is_set_right(store: RedisStore, raw: redis.Redis) 
     raw.hset(store._state_key, "journal", 3)  # e.g. a hand edit: no entries behind it
     assert store.reserve(req("r", Charge(BucketSpec("s", 10.0), 1.0))).expired == ()
     assert not raw.hexists(store._state_key, "journal")
+
+
+
+def test_one_round_trip_to_reserve_and_one_to_settle(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import redis.asyncio.connection
+
+    sent: list[str] = []  # one entry per write to a connection: a round trip
+
+    def counting(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+        if asyncio.iscoroutinefunction(original):
+            async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+                sent.append(name)
+                return await original(self, *args, **kwargs)
+        else:
+            def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+                sent.append(name)
+                return original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, name, wrapper)
+
+    spec, pool = BucketSpec("u", 100.0, 1.0), BucketSpec("pool", 1_000.0)
+    three = (Charge(spec, 5.0, lender=pool), Charge(BucketSpec("g", 1e6), 5.0))
+
+    async def warm() -> None:  # scripts loaded, the loop's pipeline connected
+        assert (await store.areserve(req("warm-async", *three))).ok
+
+    assert store.reserve(req("warm", *three)).ok and store.settle("warm", [1.0, 1.0])
+    counting(redis.connection.AbstractConnection, "send_packed_command")
+    counting(redis.asyncio.connection.AbstractConnection, "send_packed_command")
+    assert store.reserve(req("a", *three)).ok and len(sent) == 1
+    assert store.settle("a", [2.0, 2.0]) and len(sent) == 2
+
+    async def both() -> None:
+        await warm()
+        sent.clear()
+        assert (await store.areserve(req("b", *three))).ok and len(sent) == 1
+        assert await store.asettle("b", [2.0, 2.0]) and len(sent) == 2
+
+    asyncio.run(both())
