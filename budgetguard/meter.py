@@ -42,6 +42,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import Token
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -346,13 +347,11 @@ def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> It
     ``ensure_config``), so no such call goes out unmetered. Calls still open when the code
     inside is interrupted (a cancellation that skipped ``on_llm_error``) are settled then.
     """
-    config = ensure_config()
-    inv = attach_meters(engine, config, scoped)
-    token = var_child_runnable_config.set(config)
+    inv, token = _meters_in_context(engine, scoped)
     try:
         yield
     except BaseException as exc:
-        for ticket in [*inv.leftovers("sync"), *inv.leftovers("async")]:
+        for ticket in _still_open(inv):
             engine.end(ticket, Ending(None, exc))
         raise
     finally:
@@ -362,18 +361,27 @@ def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> It
 @asynccontextmanager
 async def ametering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> AsyncIterator[None]:
     """Async :func:`metering_inside`."""
-    config = ensure_config()
-    inv = attach_meters(engine, config, scoped)
-    token = var_child_runnable_config.set(config)
+    inv, token = _meters_in_context(engine, scoped)
     try:
         yield
     except BaseException as exc:
-        for ticket in [*inv.leftovers("sync"), *inv.leftovers("async")]:
+        for ticket in _still_open(inv):
             # Shielded: a second cancellation while settling must not leave it held.
             await asyncio.shield(engine.aend(ticket, Ending(None, exc)))
         raise
     finally:
         var_child_runnable_config.reset(token)
+
+
+def _meters_in_context(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> tuple[Invocation, Token[Any]]:
+    """Attach the meters to a copy of the current config and make it the one code inside runs with."""
+    config = ensure_config()
+    inv = attach_meters(engine, config, scoped)
+    return inv, var_child_runnable_config.set(config)
+
+
+def _still_open(inv: Invocation) -> list[Ticket]:
+    return [*inv.leftovers("sync"), *inv.leftovers("async")]
 
 
 def _meters_of(handler: Any, engine: BudgetEngine) -> bool:
