@@ -81,6 +81,17 @@ def thread(tid: str = "t1", **configurable: Any) -> dict[str, Any]:
 ALICE = Ctx("alice")
 
 
+async def cancel_once_sent(server: StubOpenAIServer, agent: Any) -> None:
+    """Run the agent as a task and cancel it once its first request has reached the server."""
+    server.enqueue(ScriptedResponse(latency=5.0))
+    task = asyncio.create_task(agent.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=ALICE))
+    while server.request_count == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def ask(mode: str, agent: Any, text: str, config: dict[str, Any], ctx: Ctx | None = ALICE) -> Any:
     inputs = {"messages": [HumanMessage(text)]}
     if mode == "sync":
@@ -268,13 +279,7 @@ async def test_tool_call_budget_per_tool(mode: str, server: StubOpenAIServer) ->
 async def test_a_cancelled_agent_run_holds_nothing(server: StubOpenAIServer, ledger: Ledger) -> None:
     guard = BudgetGuard([Budget("g", limit=10_000)], ledger=ledger)
     agent = agent_for(chat(server), [guard.middleware()])
-    server.enqueue(ScriptedResponse(latency=5.0))
-    task = asyncio.create_task(agent.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=Ctx("a")))
-    while server.request_count == 0:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_sent(server, agent)
     assert guard.store.open_reservations() == 0
     assert guard.remaining("g") == 10_000 - server.requests[0].prompt_tokens
     assert [r.outcome for r in ledger.records()] == ["cancelled"]
@@ -285,13 +290,7 @@ async def test_a_cancelled_run_of_a_guarded_agent_holds_nothing(server: StubOpen
     # on_llm_error is settled when the agent's outermost run ends cancelled.
     guard = BudgetGuard([Budget("g", limit=10_000)], ledger=False)
     guarded = guard | agent_for(chat(server), [])
-    server.enqueue(ScriptedResponse(latency=5.0))
-    task = asyncio.create_task(guarded.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=Ctx("a")))
-    while server.request_count == 0:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_sent(server, guarded)
     assert guard.store.open_reservations() == 0
     assert guard.remaining("g") == 10_000 - server.requests[0].prompt_tokens
 
@@ -360,13 +359,7 @@ async def test_a_cancelled_fallback_call_inside_the_guard_holds_nothing(
     guard = BudgetGuard([Budget("usd", limit=0.004, unit="usd"), Budget("tok", limit=100_000)], ledger=ledger)
     fallback = ModelFallbackMiddleware(chat(server, "gpt-4o-mini"))
     agent = agent_for(chat(server, "gpt-4o", max_tokens=1000), [guard.middleware(), fallback])
-    server.enqueue(ScriptedResponse(latency=5.0))
-    task = asyncio.create_task(agent.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=ALICE))
-    while server.request_count == 0:
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_sent(server, agent)
     assert guard.store.open_reservations() == 0
     assert guard.remaining("tok") == 100_000 - server.requests[0].prompt_tokens
     assert [r.outcome for r in ledger.records() if r.outcome != "denied"] == ["cancelled"]
