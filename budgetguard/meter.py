@@ -276,9 +276,7 @@ class AsyncMeter(_Meter, AsyncCallbackHandler):
     async def _outer_ended(self, run_id: UUID, error: BaseException) -> None:
         if not self.inv.cancelled(run_id, error):
             return
-        for ticket in self.inv.leftovers("async"):
-            # Shielded: a second cancellation while settling must not leave it held.
-            await asyncio.shield(self.inv.engine.aend(ticket, Ending(None, error)))
+        await _settle_all(self.inv.engine, self.inv.leftovers("async"), Ending(None, error))
 
     async def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         """Settle the invocation's open calls when its outermost run was interrupted."""
@@ -348,29 +346,31 @@ def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> It
     inside is interrupted (a cancellation that skipped ``on_llm_error``) are settled then.
     """
     inv, token = _meters_in_context(engine, scoped)
+    error: BaseException | None = None
     try:
         yield
     except BaseException as exc:
-        for ticket in _still_open(inv):
-            engine.end(ticket, Ending(None, exc))
+        error = exc
         raise
     finally:
         var_child_runnable_config.reset(token)
+        for ticket in inv.leftovers("sync") + inv.leftovers("async"):
+            engine.end(ticket, _abandoned(error))
 
 
 @asynccontextmanager
 async def ametering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> AsyncIterator[None]:
     """Async :func:`metering_inside`."""
     inv, token = _meters_in_context(engine, scoped)
+    error: BaseException | None = None
     try:
         yield
     except BaseException as exc:
-        for ticket in _still_open(inv):
-            # Shielded: a second cancellation while settling must not leave it held.
-            await asyncio.shield(engine.aend(ticket, Ending(None, exc)))
+        error = exc
         raise
     finally:
         var_child_runnable_config.reset(token)
+        await _settle_all(engine, inv.leftovers("sync") + inv.leftovers("async"), _abandoned(error))
 
 
 def _meters_in_context(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> tuple[Invocation, Token[Any]]:
@@ -380,8 +380,17 @@ def _meters_in_context(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) ->
     return inv, var_child_runnable_config.set(config)
 
 
-def _still_open(inv: Invocation) -> list[Ticket]:
-    return [*inv.leftovers("sync"), *inv.leftovers("async")]
+def _abandoned(error: BaseException | None) -> Ending:
+    """How a call still open when the code that made it is done ended: interrupted with that
+    code (a cancellation ``agenerate`` let past ``on_llm_error``), or, if it returned, given up
+    on by whatever inside caught the interruption (e.g. a timeout a middleware handled)."""
+    return Ending(None, error if error is not None else asyncio.CancelledError("abandoned inside the call"))
+
+
+async def _settle_all(engine: BudgetEngine, tickets: list[Ticket], ending: Ending) -> None:
+    """Settle every ticket; shielded as one, so a second cancellation cannot leave some held."""
+    if tickets:
+        await asyncio.shield(asyncio.gather(*(engine.aend(t, ending) for t in tickets)))
 
 
 def _meters_of(handler: Any, engine: BudgetEngine) -> bool:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from budgetguard.engine import BudgetEngine
     from budgetguard.tickets import Call, Ticket
 
-__all__ = ["INVOCATION", "SCOPES_KEY", "metered_by", "metered_copy"]
+__all__ = ["INVOCATION", "SCOPES_KEY", "invocation_scopes", "metered_by", "metered_copy"]
 
 SCOPES_KEY = "__budgetguard_scopes"
 """``configurable`` key carrying a guarded invocation's scopes to the models it meters.
@@ -239,6 +239,17 @@ def _with_meters(model: Any, config: Any) -> RunnableConfig:
 # -- the steps, shared by the call styles ---------------------------------------------------
 
 
+def invocation_scopes(engine: BudgetEngine, config: Mapping[str, Any]) -> tuple[Any, Any] | None:
+    """The scopes and root run of the guarded invocation a call belongs to, or ``None``.
+
+    A guarded runnable passes them in the config; the agent middleware sets them in
+    :data:`INVOCATION`. The config wins: with ``guard | agent`` and the same guard's
+    middleware, every call of the run is charged to the outer invocation's scopes.
+    """
+    mine = (config.get("configurable") or {}).get(SCOPES_KEY, {}).get(engine.uid)
+    return mine if mine is not None else INVOCATION.get().get(engine.uid)
+
+
 def _plan(model: Any, input: Any, config: RunnableConfig | None, stop: Any, kwargs: dict) -> Any:
     """The engine, the config to run with (its ``run_id`` set), and the estimated call."""
     engine = metered_by(model)
@@ -249,7 +260,7 @@ def _plan(model: Any, input: Any, config: RunnableConfig | None, stop: Any, kwar
     run_id = config.get("run_id")
     if run_id is None:  # name the model's run, so the ledger and the trace agree
         run_id = config["run_id"] = uuid7()
-    mine = (config.get("configurable") or {}).get(SCOPES_KEY, {}).get(engine.uid) or INVOCATION.get().get(engine.uid)
+    mine = invocation_scopes(engine, config)
     if mine is None:  # called on its own: this call is its run
         mine = (engine.scopes_for(config, runtime_context(config), run=run_id), None)
     scopes, root = mine

@@ -51,7 +51,7 @@ from typing_extensions import NotRequired, override
 
 from budgetguard.errors import BudgetExceeded, ConfigurationError
 from budgetguard.meter import ametering_inside, metering_inside
-from budgetguard.metered import INVOCATION, metered_by, metered_copy
+from budgetguard.metered import INVOCATION, invocation_scopes, metered_by, metered_copy
 from budgetguard.runtime_context import context_mapping
 
 if TYPE_CHECKING:
@@ -155,10 +155,9 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> ModelResponse | AIMessage:
         """Meter the model call: estimated, reserved (policies), sent, settled."""
-        scoped = self._scoped(request.state, request.runtime)
-        token = INVOCATION.set(scoped)
+        token = INVOCATION.set(self._scoped(request.state, request.runtime))
         try:
-            with metering_inside(self.engine, scoped[self.engine.uid]):
+            with metering_inside(self.engine, self._charged_to()):
                 return handler(self._metered(request))
         except BudgetExceeded as exc:
             return self._refused(exc)
@@ -170,15 +169,22 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> ModelResponse | AIMessage:
         """Async :meth:`wrap_model_call`."""
-        scoped = self._scoped(request.state, request.runtime)
-        token = INVOCATION.set(scoped)
+        token = INVOCATION.set(self._scoped(request.state, request.runtime))
         try:
-            async with ametering_inside(self.engine, scoped[self.engine.uid]):
+            async with ametering_inside(self.engine, self._charged_to()):
                 return await handler(self._metered(request))
         except BudgetExceeded as exc:
             return self._refused(exc)
         finally:
             INVOCATION.reset(token)
+
+    def _charged_to(self) -> tuple[Any, Any]:
+        """The scopes and root run this model call is charged to, by the rule the metered copy
+        follows (an outer ``guard | agent`` of the same guard wins), so a call the meters
+        catch lands in the same buckets as the copy's."""
+        scoped = invocation_scopes(self.engine, ensure_config())
+        assert scoped is not None  # INVOCATION is set
+        return scoped
 
     def _refused(self, error: BudgetExceeded) -> AIMessage:
         if self.on_denied == "raise":
@@ -248,8 +254,9 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         )
 
 
-def _forget(copies: dict[int, Any], key: int, _gone: object) -> None:
-    copies.pop(key, None)
+def _forget(copies: dict[int, Any], key: int, gone: object) -> None:
+    if key in copies and copies[key][0] is gone:  # not a newer model's entry under a reused id
+        del copies[key]
 
 
 def _denial_fields(error: BudgetExceeded) -> dict[str, Any]:

@@ -353,6 +353,53 @@ async def test_a_model_of_another_guard_is_charged_by_both(mode: str, server: St
     assert inner.remaining("per-user", user_id="alice") == 10_000 - spent(server)
 
 
+async def test_calls_of_an_outer_guarded_run_share_its_run_budget_however_they_are_metered(
+    mode: str, server: StubOpenAIServer, ledger: Ledger
+) -> None:
+    class AskFirst(AgentMiddleware):  # like LLMToolSelectorMiddleware: asks another model first
+        def __init__(self, other: Any) -> None:
+            super().__init__()
+            self.other = other
+
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            self.other.invoke([HumanMessage("Which tools matter?")])
+            return handler(request)
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            await self.other.ainvoke([HumanMessage("Which tools matter?")])
+            return await handler(request)
+
+    guard = BudgetGuard([Budget("per-run", limit=10_000, per="run")], ledger=ledger)
+    inner = AskFirst(chat(server, "gpt-4o-mini"))  # met by the callback meters, not a metered copy
+    guarded = guard | agent_for(chat(server), [guard.middleware(), inner])
+    await ask(mode, guarded, QUESTION, thread())
+    records = list(ledger.records())
+    assert len(records) == len(server.requests) == 4
+    assert len({r.scope["run"] for r in records}) == 1 and len({r.root_run_id for r in records}) == 1
+    assert sum(r.input_tokens + r.output_tokens for r in records) == spent(server)
+
+
+async def test_a_call_given_up_inside_the_guard_is_settled_when_the_model_call_returns(
+    server: StubOpenAIServer, ledger: Ledger
+) -> None:
+    class GiveUp(AgentMiddleware):  # sends to another model, times it out, answers itself
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            try:
+                async with asyncio.timeout(1.0):
+                    return await handler(request.override(model=chat(server, "gpt-4o-mini")))
+            except TimeoutError:
+                return AIMessage("The model took too long.")
+
+    guard = BudgetGuard([Budget("g", limit=100_000)], ledger=ledger)
+    agent = agent_for(chat(server), [guard.middleware(), GiveUp()])
+    server.enqueue(ScriptedResponse(latency=5.0))
+    out = await agent.ainvoke({"messages": [HumanMessage(QUESTION)]}, thread(), context=ALICE)
+    assert out["messages"][-1].content == "The model took too long."
+    assert guard.store.open_reservations() == 0  # not left to its lease
+    assert [r.outcome for r in ledger.records()] == ["cancelled"]
+    assert guard.remaining("g") == 100_000 - server.requests[0].prompt_tokens
+
+
 async def test_a_cancelled_fallback_call_inside_the_guard_holds_nothing(
     server: StubOpenAIServer, ledger: Ledger
 ) -> None:
