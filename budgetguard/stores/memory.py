@@ -72,7 +72,10 @@ class MemoryStore:
     """
 
     def __init__(self, clock: Clock | None = None, *, forget_every: float | None = 60.0) -> None:
-        if forget_every is not None and not (isinstance(forget_every, (int, float)) and forget_every > 0):
+        if forget_every is not None and not (
+            isinstance(forget_every, (int, float)) and not isinstance(forget_every, bool)
+            and math.isfinite(forget_every) and forget_every > 0
+        ):
             msg = f"forget_every must be a positive number of seconds or None, got {forget_every!r}"
             raise ConfigurationError(msg)
         self.clock: Clock = clock or SystemClock()
@@ -340,6 +343,8 @@ class _Forgetting:
         self._lock = threading.Lock()
         self._next: weakref.WeakKeyDictionary[MemoryStore, float] = weakref.WeakKeyDictionary()
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # a new store may want its turn sooner
+        self._held_for_fork: list[threading.Lock] = []
 
     def add(self, store: MemoryStore, every: float) -> None:
         with self._lock:
@@ -347,14 +352,22 @@ class _Forgetting:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="budgetguard-forget", daemon=True)
                 self._thread.start()
+            else:
+                self._wake.set()
 
     def remove(self, store: MemoryStore) -> None:
         with self._lock:
             self._next.pop(store, None)
 
     def _run(self) -> None:
-        while (wait := self._pass()) is not None:
-            time.sleep(wait)
+        try:
+            while (wait := self._pass()) is not None:
+                self._wake.wait(wait)
+                self._wake.clear()
+        finally:  # however it ends, the next store to write a bucket starts a thread again
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None
 
     def _pass(self) -> float | None:
         """Forget what is due in each store whose turn it is; the seconds until the next turn,
@@ -375,10 +388,26 @@ class _Forgetting:
                 logger.exception("budgetguard: forgetting full buckets failed; retried next pass")
         return max(wait, 0.0)
 
+    def before_fork(self) -> None:
+        # A pass holds a store's lock for a moment: a child forked then would inherit it held
+        # by a thread it does not have. The forking thread holds every such lock instead.
+        with self._lock:
+            stores = list(self._next)
+        for store in stores:
+            store._lock.acquire()
+            self._held_for_fork.append(store._lock)
+
+    def after_fork_in_parent(self) -> None:
+        for lock in self._held_for_fork:
+            lock.release()
+        self._held_for_fork.clear()
+
     def after_fork_in_child(self) -> None:
         # The child has the parent's stores but not this thread: each starts it again
         # when it next writes a bucket.
+        self.after_fork_in_parent()
         self._lock = threading.Lock()
+        self._wake = threading.Event()
         for store in list(self._next):
             store._forgetting = False
         self._next = weakref.WeakKeyDictionary()
@@ -387,4 +416,8 @@ class _Forgetting:
 
 _FORGETTING = _Forgetting()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_FORGETTING.after_fork_in_child)
+    os.register_at_fork(
+        before=_FORGETTING.before_fork,
+        after_in_parent=_FORGETTING.after_fork_in_parent,
+        after_in_child=_FORGETTING.after_fork_in_child,
+    )

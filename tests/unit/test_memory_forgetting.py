@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -179,7 +180,36 @@ def test_no_background_pass_when_asked_for_none(forgetting: memory._Forgetting) 
     assert store._full_at and forgetting._thread is None
 
 
-@pytest.mark.parametrize("every", [0, -1.0, "60", math.nan])
+@pytest.mark.parametrize("every", [0, -1.0, "60", math.nan, math.inf, True])
 def test_forget_every_must_be_a_positive_number(every: object) -> None:
     with pytest.raises(ConfigurationError, match="forget_every must be a positive number of seconds or None"):
         MemoryStore(forget_every=every)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_pass_can_use_its_store() -> None:
+    # A pass holds the store's lock while it forgets a batch; a child forked then must not
+    # inherit it held by a thread the child does not have. (The process's own background
+    # pass: the fork hooks serve it.)
+    clock = FakeClock()
+    store = MemoryStore(clock, forget_every=0.001)
+
+    def use(prefix: str, users: range) -> None:
+        for i in users:
+            spec = BucketSpec(f"u\x1fuser={i}", 100.0, refill_per_second=1.0)
+            assert store.reserve(ReserveRequest(f"{prefix}{i}", (Charge(spec, 30.0),))).ok
+            assert store.settle(f"{prefix}{i}", [30.0])
+
+    use("r", range(100_000))
+    forks = 0
+    for round_ in range(3):
+        clock.advance(3600)  # all due: the pass forgets them, a thousand per hold of the lock
+        while store._buckets:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if store._lock.acquire(timeout=2) else 1)  # what every call does first
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            forks += 1
+        use(f"again{round_}-", range(0, 100_000, 2))
+    assert forks >= 3
