@@ -49,7 +49,8 @@ _Key = tuple[str, tuple[tuple[str, str], ...], Union[float, None], float]  # noq
 def _amount(value: float, unit: str) -> str:
     if unit == "usd":
         return format_usd(value)
-    return f"{value:,.0f} {'tool calls' if unit == 'tool_calls' else unit}"
+    name = {"tokens": "token", "calls": "call", "tool_calls": "tool call"}.get(unit, unit)
+    return f"{value:,.0f} {name if value == 1 else name + 's'}"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class AlertEvent:
         threshold: The fraction of the limit that was crossed, e.g. ``0.8``.
         used: Usage of the bucket when it was observed, in ``unit``.
         limit: The bucket's limit, in ``unit``.
-        unit: ``"tokens"`` or ``"usd"``.
+        unit: The budget's unit: ``"tokens"``, ``"usd"``, ``"calls"`` or ``"tool_calls"``.
         period_start: Unix start of the bucket's calendar period, or ``None``.
         ts: When it was observed (unix seconds).
     """
@@ -177,7 +178,7 @@ class Alerts:
             scope: The bucket's scope.
             used: Usage now, reservations included, in ``unit``.
             limit: The bucket's limit; nothing fires when it is not positive.
-            unit: ``"tokens"`` or ``"usd"``.
+            unit: The budget's unit: ``"tokens"``, ``"usd"``, ``"calls"`` or ``"tool_calls"``.
             period_start: Start of the bucket's calendar period, ``None`` if it has none.
             now: Unix seconds, stamped on events.
         """

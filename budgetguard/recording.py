@@ -69,7 +69,7 @@ def check_ledger_argument(ledger: Any) -> None:
     """
     if ledger is None or ledger is False or isinstance(ledger, (str, os.PathLike)):
         return
-    if not callable(getattr(ledger, "record", None)):
+    if isinstance(ledger, type) or not callable(getattr(ledger, "record", None)):
         msg = (f"ledger={ledger!r} ({type(ledger).__name__}) is not a ledger; pass a file path, a "
                "'postgresql://' URL, a budgetguard.ledger.Ledger, None for the default ledger, or False for none")
         raise ConfigurationError(msg)

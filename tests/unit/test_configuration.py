@@ -10,7 +10,7 @@ import pytest
 import budgetguard.stores.redis as redis_store
 from budgetguard import Budget, BudgetGuard
 from budgetguard.errors import ConfigurationError
-from budgetguard.ledger import LedgerError, LedgerPathError
+from budgetguard.ledger import Ledger, LedgerError, LedgerPathError
 from budgetguard.stores import MemoryStore, SQLiteStore, resolve_store, store_from_url
 
 BUDGETS = [Budget("g", limit=1_000)]
@@ -110,7 +110,7 @@ def test_a_ledger_path_under_a_regular_file_is_refused(tmp_path: Path) -> None:
     assert sorted(tmp_path.rglob("*")) == before  # no directory or file was made
 
 
-@pytest.mark.parametrize("ledger", [42, True, object(), ["ledger.sqlite3"]])
+@pytest.mark.parametrize("ledger", [42, True, object(), ["ledger.sqlite3"], Ledger])
 def test_a_ledger_that_is_not_one_is_refused_at_construction(tmp_path: Path, ledger: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"is not a ledger; pass a file path, a 'postgresql://' URL") as info:
         BudgetGuard(BUDGETS, store=f"sqlite:///{tmp_path / 'budgets.db'}", ledger=ledger)
