@@ -33,7 +33,7 @@ import pytest
 from budgetguard.clock import FakeClock
 from budgetguard.periods import PeriodRule
 from budgetguard.stores import BucketSpec, Charge, ExpiredLease, ReserveRequest
-from budgetguard.stores.base import Held
+from budgetguard.stores.base import JOURNAL_REPORT, Held
 from budgetguard.stores.sqlite import (
     SCHEMA_VERSION,
     SQLiteStore,
@@ -381,9 +381,12 @@ def test_processes_with_short_leases_balance_the_books(tmp_path: Path) -> None:
         w.join(30)
     later = FakeClock(start=time.time() + 10_000)  # the host's clock, 10,000 s on: every lease is due
     with SQLiteStore(path, clock=later, host_clock=later) as late:
-        final = late.sweep()
-        late.acknowledge([e.id for e in final])
-        assert late.sweep() == ()
+        # A sweep reports at most JOURNAL_REPORT entries; each acknowledgement lets the next ones through.
+        final: list[ExpiredLease] = []
+        while batch := late.sweep():
+            assert len(batch) <= JOURNAL_REPORT
+            final += batch
+            late.acknowledge([e.id for e in batch])
         # A lease may be reported by several workers before one acknowledges it; always the same.
         reports = [e for _, reported in outcomes for e in reported] + [(e.id, e.amounts) for e in final]
         expired = dict(reports)
