@@ -74,6 +74,9 @@ is a file, not a directory. Choose a path in a directory, or pass ledger=False f
     if path.is_dir():
         msg = f"ledger path {ledger} is a directory; name a file in it, e.g. {path / 'ledger.sqlite3'}"
         raise LedgerPathError(msg)
+    if path.is_file():
+        _check_existing_file(path)
+        return
     for parent in path.parents:  # the nearest one that exists decides whether the rest can be made
         if parent.exists():
             if not parent.is_dir():
@@ -81,6 +84,29 @@ is a file, not a directory. Choose a path in a directory, or pass ledger=False f
                        "Choose a path in a directory, or pass ledger=False for no ledger.")
                 raise LedgerPathError(msg)
             return
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _check_existing_file(path: Path) -> None:
+    """Refuse an existing file that is not in the format a ledger at that name is written in."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        msg = f"ledger path {path} cannot be read: {exc}"
+        raise LedgerPathError(msg) from exc
+    if not head:
+        return  # empty: a new ledger is written into it
+    jsonl = path.suffix.lower() in JSONL_SUFFIXES
+    if (head.lstrip()[:1] == b"{") if jsonl else (head == SQLITE_MAGIC):
+        return
+    kind = "a JSON-lines file" if jsonl else "a SQLite database"
+    msg = (f"ledger path {path} is an existing file that is not {kind}, so it is not a budgetguard ledger "
+           "(a ledger is SQLite, or JSON lines for a .jsonl name). Choose another path, or pass ledger=False.")
+    raise LedgerPathError(msg)
 
 
 # -- the record ------------------------------------------------------------------------

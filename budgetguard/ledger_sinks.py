@@ -30,6 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from budgetguard import ledger_sql as _sql
 from budgetguard.ledger_records import (
+    JSONL_SUFFIXES,
+    SQLITE_MAGIC,
     LedgerError,
     LedgerRecord,
     default_ledger_location,
@@ -44,8 +46,6 @@ APPLICATION_ID = 0x42474C47  # "BGLG"
 SCHEMA_VERSION = _sql.SCHEMA_VERSION
 _MIGRATIONS = _sql.SQLITE.migrations()
 _UPSERT = _sql.SQLITE.upsert()
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 @runtime_checkable
@@ -363,7 +363,7 @@ def sink_for(spec: Any) -> Any:
         return PostgresSink(spec)
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
-        return JSONLSink(path) if path.suffix.lower() in _JSONL_SUFFIXES else SQLiteSink(path)
+        return JSONLSink(path) if path.suffix.lower() in JSONL_SUFFIXES else SQLiteSink(path)
     if callable(getattr(spec, "write", None)) and callable(getattr(spec, "close", None)):
         return spec
     msg = f"a ledger sink must be a path, a postgresql:// URL or have write(records) and close(), got {spec!r}"
@@ -386,13 +386,13 @@ def open_existing(spec: str | os.PathLike[str]) -> Any:
         raise LedgerError(msg)
     try:
         with path.open("rb") as fh:
-            head = fh.read(len(_SQLITE_MAGIC))
+            head = fh.read(len(SQLITE_MAGIC))
     except OSError as exc:
         msg = f"cannot read ledger {path}: {exc}"
         raise LedgerError(msg) from exc
-    if head == _SQLITE_MAGIC:
+    if head == SQLITE_MAGIC:
         return SQLiteSink(path, create=False)
-    if path.suffix.lower() in _JSONL_SUFFIXES or head.lstrip()[:1] == b"{":
+    if path.suffix.lower() in JSONL_SUFFIXES or head.lstrip()[:1] == b"{":
         return JSONLSink(path, create=False)
     what = "is empty" if not head else "is neither a SQLite nor a JSONL file"
     msg = f"{path} {what}, so it is not a budgetguard ledger; point --ledger / BUDGETGUARD_LEDGER elsewhere"

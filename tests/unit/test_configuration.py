@@ -118,6 +118,27 @@ def test_a_ledger_that_is_not_one_is_refused_at_construction(tmp_path: Path, led
     assert list(tmp_path.iterdir()) == []  # refused before the store was made
 
 
+@pytest.mark.parametrize(("name", "content"), [("ledger.sqlite3", b"my notes\n"), ("calls.jsonl", b"not json\n"),
+                                             ("ledger.db", b"\x00\x01binary")])
+def test_an_existing_file_that_is_no_ledger_is_refused_before_the_store_is_made(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(LedgerPathError, match="is an existing file that is not a") as info:
+        BudgetGuard(BUDGETS, store=f"sqlite:///{tmp_path / 'budgets.db'}", ledger=str(tmp_path / name))
+    assert isinstance(info.value, ConfigurationError) and "ledger=False" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no store file; the file untouched
+    assert (tmp_path / name).read_bytes() == content
+
+
+def test_existing_ledgers_and_empty_files_are_accepted(tmp_path: Path) -> None:
+    BudgetGuard(BUDGETS, ledger=str(tmp_path / "ledger.sqlite3")).ledger.close()  # a SQLite ledger now exists
+    (tmp_path / "calls.jsonl").write_text('{"ts": 0}\n')  # what a JSON-lines ledger starts with
+    (tmp_path / "empty.sqlite3").write_bytes(b"")
+    for name in ("ledger.sqlite3", "calls.jsonl", "empty.sqlite3"):
+        BudgetGuard(BUDGETS, ledger=str(tmp_path / name)).ledger.close()
+
+
 def test_a_bad_ledger_leaves_no_store_file_and_a_bad_store_no_ledger_file(
     tmp_path: Path, no_redis_store: list[str]
 ) -> None:
