@@ -86,22 +86,35 @@ is a file, not a directory. Choose a path in a directory, or pass ledger=False f
             return
 
 
-SQLITE_MAGIC = b"SQLite format 3\x00"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def ledger_file_kind(path: Path) -> str:
+    """What an existing file holds, by its first bytes: ``"sqlite"``, ``"json"`` (it starts
+    with ``{``), ``"empty"`` or ``"other"``.
+
+    Raises:
+        OSError: The file cannot be read.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(len(_SQLITE_MAGIC))
+    if not head:
+        return "empty"
+    if head == _SQLITE_MAGIC:
+        return "sqlite"
+    return "json" if head.lstrip()[:1] == b"{" else "other"
 
 
 def _check_existing_file(path: Path) -> None:
     """Refuse an existing file that is not in the format a ledger at that name is written in."""
     try:
-        with path.open("rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
+        kind = ledger_file_kind(path)
     except OSError as exc:
         msg = f"ledger path {path} cannot be read: {exc}"
         raise LedgerPathError(msg) from exc
-    if not head:
-        return  # empty: a new ledger is written into it
     jsonl = path.suffix.lower() in JSONL_SUFFIXES
-    if (head.lstrip()[:1] == b"{") if jsonl else (head == SQLITE_MAGIC):
+    if kind in ("empty", "json" if jsonl else "sqlite"):  # empty: a new ledger is written into it
         return
     kind = "a JSON-lines file" if jsonl else "a SQLite database"
     msg = (f"ledger path {path} is an existing file that is not {kind}, so it is not a budgetguard ledger "

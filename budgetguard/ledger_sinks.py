@@ -31,11 +31,11 @@ from typing import Any, Protocol, runtime_checkable
 from budgetguard import ledger_sql as _sql
 from budgetguard.ledger_records import (
     JSONL_SUFFIXES,
-    SQLITE_MAGIC,
     LedgerError,
     LedgerRecord,
     default_ledger_location,
     is_ledger_url,
+    ledger_file_kind,
 )
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "JSONLSink", "MemorySink", "SQLiteSink", "Sink"]
@@ -385,16 +385,15 @@ def open_existing(spec: str | os.PathLike[str]) -> Any:
         msg = f"{path} is not a file; point --ledger at a ledger file"
         raise LedgerError(msg)
     try:
-        with path.open("rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
+        kind = ledger_file_kind(path)
     except OSError as exc:
         msg = f"cannot read ledger {path}: {exc}"
         raise LedgerError(msg) from exc
-    if head == SQLITE_MAGIC:
+    if kind == "sqlite":
         return SQLiteSink(path, create=False)
-    if path.suffix.lower() in JSONL_SUFFIXES or head.lstrip()[:1] == b"{":
+    if path.suffix.lower() in JSONL_SUFFIXES or kind == "json":
         return JSONLSink(path, create=False)
-    what = "is empty" if not head else "is neither a SQLite nor a JSONL file"
+    what = "is empty" if kind == "empty" else "is neither a SQLite nor a JSONL file"
     msg = f"{path} {what}, so it is not a budgetguard ledger; point --ledger / BUDGETGUARD_LEDGER elsewhere"
     raise LedgerError(msg)
 
