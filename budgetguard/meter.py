@@ -50,7 +50,7 @@ from uuid import UUID
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import LLMResult
-from langchain_core.runnables.config import ensure_config, var_child_runnable_config
+from langchain_core.runnables.config import var_child_runnable_config
 
 from budgetguard.errors import BudgetGuardError
 from budgetguard.estimate import model_from_params
@@ -136,9 +136,9 @@ class Invocation:
         """Whether ``run_id`` is the outermost run and it ended cancelled (not a stopped stream)."""
         return run_id == self.root_run_id and isinstance(error, (asyncio.CancelledError, KeyboardInterrupt))
 
-    def leftovers(self, owner: str) -> list[Ticket]:
-        """Take the calls still open that ``owner``'s meter reserved."""
-        mine = [run for run, ticket in self.tickets.items() if ticket.owner == owner]
+    def leftovers(self, owner: str | None = None) -> list[Ticket]:
+        """Take the calls still open that ``owner``'s meter reserved (``None``: either meter)."""
+        mine = [run for run, ticket in self.tickets.items() if owner is None or ticket.owner == owner]
         return [self.tickets.pop(run) for run in mine]
 
 
@@ -341,7 +341,9 @@ def attach_meters(
 
 
 @contextmanager
-def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> Iterator[None]:
+def metering_inside(
+    engine: BudgetEngine, config: RunnableConfig, scoped: tuple[Any, UUID | None]
+) -> Iterator[None]:
     """Meter, through callbacks, every model call made inside that the guard's copies do not send.
 
     The agent middleware puts its model's metered copy in the request, but middlewares it
@@ -350,8 +352,14 @@ def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> It
     config LangChain hands to whatever runs there (``var_child_runnable_config``, read by
     ``ensure_config``), so no such call goes out unmetered. Calls still open when the code
     inside is interrupted (a cancellation that skipped ``on_llm_error``) are settled then.
+
+    Args:
+        engine: The guard.
+        config: The config of the code calling (a fresh copy, from ``ensure_config()``: the
+            meters are added to it, and the code inside runs with it).
+        scoped: The scopes and root run the calls inside are charged to.
     """
-    inv, token = _meters_in_context(engine, scoped)
+    inv, token = _meters_in_context(engine, config, scoped)
     error: BaseException | None = None
     try:
         yield
@@ -360,14 +368,16 @@ def metering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> It
         raise
     finally:
         var_child_runnable_config.reset(token)
-        for ticket in inv.leftovers("sync") + inv.leftovers("async"):
+        for ticket in inv.leftovers():
             engine.end(ticket, _abandoned(error))
 
 
 @asynccontextmanager
-async def ametering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> AsyncIterator[None]:
+async def ametering_inside(
+    engine: BudgetEngine, config: RunnableConfig, scoped: tuple[Any, UUID | None]
+) -> AsyncIterator[None]:
     """Async :func:`metering_inside`."""
-    inv, token = _meters_in_context(engine, scoped)
+    inv, token = _meters_in_context(engine, config, scoped)
     error: BaseException | None = None
     try:
         yield
@@ -376,12 +386,13 @@ async def ametering_inside(engine: BudgetEngine, scoped: tuple[Any, UUID | None]
         raise
     finally:
         var_child_runnable_config.reset(token)
-        await _settle_all(engine, inv.leftovers("sync") + inv.leftovers("async"), _abandoned(error))
+        await _settle_all(engine, inv.leftovers(), _abandoned(error))
 
 
-def _meters_in_context(engine: BudgetEngine, scoped: tuple[Any, UUID | None]) -> tuple[Invocation, Token[Any]]:
-    """Attach the meters to a copy of the current config and make it the one code inside runs with."""
-    config = ensure_config()
+def _meters_in_context(
+    engine: BudgetEngine, config: RunnableConfig, scoped: tuple[Any, UUID | None]
+) -> tuple[Invocation, Token[Any]]:
+    """Attach the meters to ``config`` and make it the one code inside runs with."""
     inv = attach_meters(engine, config, scoped)
     return inv, var_child_runnable_config.set(config)
 

@@ -127,10 +127,11 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
     async def abefore_model(self, state: BudgetState, runtime: Runtime[Any]) -> dict[str, Any] | None:
         return self.before_model(state, runtime)
 
-    def _scoped(self, state: Mapping[str, Any], runtime: Any, *, tools: bool = False) -> dict[str, tuple[Any, Any]]:
+    def _scoped(
+        self, state: Mapping[str, Any], runtime: Any, config: Mapping[str, Any], *, tools: bool = False
+    ) -> dict[str, tuple[Any, Any]]:
         """This guard's scopes and root run for a call of this agent run (see ``INVOCATION``)."""
         run = state.get(_RUN_KEY) or str(uuid7())  # a tool call before any model call: its own run
-        config = ensure_config()  # the agent node's config, as LangGraph set it
         context = context_mapping(getattr(runtime, "context", None))
         scopes = self.engine.scopes_for(config, context, run=run, tools=tools)
         return {**INVOCATION.get(), self.engine.uid: (scopes, UUID(run))}
@@ -155,9 +156,10 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]
     ) -> ModelResponse | AIMessage:
         """Meter the model call: estimated, reserved (policies), sent, settled."""
-        token = INVOCATION.set(self._scoped(request.state, request.runtime))
+        config = ensure_config()  # the agent node's config, as LangGraph set it (a copy: the meters go in)
+        token = INVOCATION.set(self._scoped(request.state, request.runtime, config))
         try:
-            with metering_inside(self.engine, self._charged_to()):
+            with metering_inside(self.engine, config, self._charged_to(config)):
                 return handler(self._metered(request))
         except BudgetExceeded as exc:
             return self._refused(exc)
@@ -169,20 +171,21 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
         self, request: ModelRequest, handler: Callable[[ModelRequest], Awaitable[ModelResponse]]
     ) -> ModelResponse | AIMessage:
         """Async :meth:`wrap_model_call`."""
-        token = INVOCATION.set(self._scoped(request.state, request.runtime))
+        config = ensure_config()
+        token = INVOCATION.set(self._scoped(request.state, request.runtime, config))
         try:
-            async with ametering_inside(self.engine, self._charged_to()):
+            async with ametering_inside(self.engine, config, self._charged_to(config)):
                 return await handler(self._metered(request))
         except BudgetExceeded as exc:
             return self._refused(exc)
         finally:
             INVOCATION.reset(token)
 
-    def _charged_to(self) -> tuple[Any, Any]:
+    def _charged_to(self, config: Mapping[str, Any]) -> tuple[Any, Any]:
         """The scopes and root run this model call is charged to, by the rule the metered copy
         follows (an outer ``guard | agent`` of the same guard wins), so a call the meters
         catch lands in the same buckets as the copy's."""
-        scoped = invocation_scopes(self.engine, ensure_config())
+        scoped = invocation_scopes(self.engine, config)
         assert scoped is not None  # INVOCATION is set
         return scoped
 
@@ -198,15 +201,13 @@ class BudgetMiddleware(AgentMiddleware[BudgetState, Any, Any]):
 
     def _tool_hold(self, request: ToolCallRequest) -> tuple[str, tuple[Any, ...]] | None:
         name = str(request.tool_call.get("name"))
-        scopes = self._scoped(request.state or {}, request.runtime, tools=True)[self.engine.uid][0]
+        scopes = self._scoped(request.state or {}, request.runtime, ensure_config(), tools=True)[self.engine.uid][0]
         lines = self.engine.tool_lines(name, scopes)
         return (f"tool:{uuid7()}", lines) if lines else None
 
     @override
     def wrap_tool_call(
-        self,
-        request: ToolCallRequest,
-        handler: Callable[[ToolCallRequest], ToolMessage | Command[Any]],
+        self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], ToolMessage | Command[Any]]
     ) -> ToolMessage | Command[Any]:
         """Charge the tool-call budgets that count this tool, one each, or refuse the call."""
         hold = self._tool_hold(request)
