@@ -332,7 +332,6 @@ class MemoryStore:
         self.close()
 
 
-
 class _Forgetting:
     """One daemon thread for every memory store of the process: it calls each store's
     :meth:`MemoryStore.forget_due` every ``forget_every`` seconds. Stores are held weakly;
@@ -397,7 +396,7 @@ class _Forgetting:
             store._lock.acquire()
             self._held_for_fork.append(store._lock)
 
-    def after_fork_in_parent(self) -> None:
+    def release_fork_locks(self) -> None:
         for lock in self._held_for_fork:
             lock.release()
         self._held_for_fork.clear()
@@ -405,7 +404,7 @@ class _Forgetting:
     def after_fork_in_child(self) -> None:
         # The child has the parent's stores but not this thread: each starts it again
         # when it next writes a bucket.
-        self.after_fork_in_parent()
+        self.release_fork_locks()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         for store in list(self._next):
@@ -418,6 +417,6 @@ _FORGETTING = _Forgetting()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
         before=_FORGETTING.before_fork,
-        after_in_parent=_FORGETTING.after_fork_in_parent,
+        after_in_parent=_FORGETTING.release_fork_locks,
         after_in_child=_FORGETTING.after_fork_in_child,
     )

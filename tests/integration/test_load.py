@@ -142,6 +142,15 @@ def check_books(guard: BudgetGuard, store: Store, calls: int) -> None:
     assert store.open_reservations() == 0  # type: ignore[attr-defined]
 
 
+async def aclose_all(store: Any, close: Callable[[], None]) -> None:
+    """Close the store, what the factory made for it, and a Redis store's async client."""
+    await store.aclose()
+    close()
+    aclient = getattr(store, "_aclient", None)
+    if aclient is not None:
+        await aclient.aclose()
+
+
 async def test_a_thousand_concurrent_ainvokes(make_store: StoreFactory) -> None:
     store, close = make_store()
     gate = Gate(CALLS)
@@ -160,11 +169,7 @@ async def test_a_thousand_concurrent_ainvokes(make_store: StoreFactory) -> None:
         assert gate.most == CALLS  # nothing serialized the calls
         check_books(guard, store, CALLS)
     finally:
-        await store.aclose()
-        close()
-        aclient = getattr(store, "_aclient", None)
-        if aclient is not None:
-            await aclient.aclose()
+        await aclose_all(store, close)
 
 
 class BusyModel(UsageFakeChatModel):
@@ -200,11 +205,7 @@ async def test_a_busy_event_loop_lets_every_call_in(make_store: StoreFactory) ->
         assert gate.most == n
         check_books(guard, store, n)
     finally:
-        await store.aclose()
-        close()
-        aclient = getattr(store, "_aclient", None)
-        if aclient is not None:
-            await aclient.aclose()
+        await aclose_all(store, close)
 
 
 def test_64_threads(make_store: StoreFactory) -> None:
