@@ -36,21 +36,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Union
 
-from budgetguard.errors import ConfigurationError
-from budgetguard.money import format_usd
+from budgetguard.errors import ConfigurationError, format_amount
 
 __all__ = ["AlertEvent", "Alerts"]
 
 logger = logging.getLogger("budgetguard")
 
 _Key = tuple[str, tuple[tuple[str, str], ...], Union[float, None], float]  # noqa: UP007
-
-
-def _amount(value: float, unit: str) -> str:
-    if unit == "usd":
-        return format_usd(value)
-    name = {"tokens": "token", "calls": "call", "tool_calls": "tool call"}.get(unit, unit)
-    return f"{value:,.0f} {name if value == 1 else name + 's'}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ class AlertEvent:
         where = f"budget '{self.budget}'" + (f" ({scope})" if scope else "")
         text = (
             f"{where} reached {self.threshold:.0%} of its limit: "
-            f"{_amount(self.used, self.unit)} of {_amount(self.limit, self.unit)} used ({self.fraction:.0%})"
+            f"{format_amount(self.used, self.unit)} of {format_amount(self.limit, self.unit)} used ({self.fraction:.0%})"
         )
         if self.period_start is not None:
             start = datetime.fromtimestamp(self.period_start, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

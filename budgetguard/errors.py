@@ -44,7 +44,9 @@ class BudgetGuardError(Exception):
 _UNIT_NOUNS = {"tokens": "tokens", "calls": "model calls", "tool_calls": "tool calls"}
 
 
-def _fmt_amount(amount: float, unit: str) -> str:
+def format_amount(amount: float, unit: str) -> str:
+    """An amount of a budget's unit as errors and alerts write it: ``$0.0125``, ``1,200 tokens``,
+    ``3 model calls`` (whole units rounded away from zero: never less than was meant)."""
     if unit == "usd":
         return format_usd(amount)
     noun = _UNIT_NOUNS.get(unit, unit)
@@ -104,11 +106,11 @@ class BudgetExceeded(BudgetGuardError):
             msg = (
                 f"budget '{self.budget}'{_fmt_scope(self.scope)} cannot cover this call"
                 f"{' to ' + self.model if self.model else ''}: needs "
-                f"{_fmt_amount(self.requested, self.unit)}, "
-                f"{_fmt_amount(max(self.available, 0.0), self.unit)} available"
+                f"{format_amount(self.requested, self.unit)}, "
+                f"{format_amount(max(self.available, 0.0), self.unit)} available"
             )
             if self.available < 0:
-                msg += f" (overspent by {_fmt_amount(-self.available, self.unit)})"
+                msg += f" (overspent by {format_amount(-self.available, self.unit)})"
             if self.retry_after is None:
                 msg += "; no refill within its period can cover it"
             else:

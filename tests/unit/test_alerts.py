@@ -186,9 +186,8 @@ def test_event_fraction_and_message_for_global_budget() -> None:
     ("unit", "used", "limit", "text"),
     [
         ("usd", 0.000125, 0.0001, "$0.000125 of $0.0001 used"),
-        ("calls", 21, 20, "21 calls of 20 calls used"),
+        ("calls", 21, 20, "21 model calls of 20 model calls used"),
         ("tool_calls", 6, 5, "6 tool calls of 5 tool calls used"),
-        ("calls", 1, 1, "1 call of 1 call used"),
     ],
 )
 def test_the_message_names_each_unit_and_tells_cheap_amounts_apart(unit: str, used: float, limit: float, text: str) -> None:
