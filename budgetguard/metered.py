@@ -190,9 +190,7 @@ class _MeteredCalls:
     # copy piped into more steps takes them in, so the guard covers the whole chain.
 
     def __or__(self, other: Any) -> Any:
-        engine = metered_by(self)
-        assert engine is not None
-        return engine.wrap(RunnableSequence(self, coerce_to_runnable(other)))  # type: ignore[arg-type]
+        return self.pipe(other)
 
     def pipe(self, *others: Any, name: str | None = None) -> Any:
         engine = metered_by(self)

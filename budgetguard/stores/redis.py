@@ -319,7 +319,7 @@ class RedisStore:
                 scripts = self._scripts = _register(client)
         return scripts
 
-    def _async_scripts(self) -> tuple[redis.asyncio.Redis, _Scripts] | None:
+    def _async_scripts(self) -> _Scripts | None:
         if self._aclient is None and self._url is None:
             return None  # sync client only: async methods use a worker thread
         loop = asyncio.get_running_loop()
@@ -333,7 +333,7 @@ class RedisStore:
             pipeline = AsyncPipeline(client)
             pair = (client, _register(pipeline, AsyncScript), pipeline)
             self._loops[loop] = pair
-        return pair[0], pair[1]
+        return pair[1]
 
     # -- errors ---------------------------------------------------------------------
 
@@ -577,20 +577,20 @@ class RedisStore:
 
     async def areserve(self, request: ReserveRequest) -> ReserveResult:
         """Async :meth:`reserve` on the asyncio client."""
-        pair = self._async_scripts()
-        if pair is None:
+        scripts = self._async_scripts()
+        if scripts is None:
             return await asyncio.to_thread(self.reserve, request)
         payload = self._reserve_payload(request)
-        script, keys = pair[1].reserve, self._keys
+        script, keys = scripts.reserve, self._keys
         return self._reserve_result(request, await self._arun(lambda: script(*keys, payload)))
 
     async def asettle(self, reservation_id: str, actuals: Sequence[float] | None) -> bool:
         """Async :meth:`settle` on the asyncio client."""
-        pair = self._async_scripts()
-        if pair is None:
+        scripts = self._async_scripts()
+        if scripts is None:
             return await asyncio.to_thread(self.settle, reservation_id, actuals)
         payload = self._settle_payload(reservation_id, actuals)
-        script, keys = pair[1].settle, self._keys
+        script, keys = scripts.settle, self._keys
         try:
             return self._settled(await self._arun(lambda: script(*keys, payload)))
         except rexc.ResponseError as exc:
@@ -598,30 +598,30 @@ class RedisStore:
 
     async def asnapshot(self, spec: BucketSpec) -> BucketState:
         """Async :meth:`snapshot` on the asyncio client."""
-        pair = self._async_scripts()
-        if pair is None:
+        scripts = self._async_scripts()
+        if scripts is None:
             return await asyncio.to_thread(self.snapshot, spec)
         args = self._snapshot_args(spec)
-        script = pair[1].snapshot
+        script = scripts.snapshot
         return self._state(await self._arun(lambda: script(*args)))
 
     async def asweep(self) -> tuple[ExpiredLease, ...]:
         """Async :meth:`sweep` on the asyncio client."""
-        pair = self._async_scripts()
-        if pair is None:
+        scripts = self._async_scripts()
+        if scripts is None:
             return await asyncio.to_thread(self.sweep)
-        script = pair[1].sweep
+        script = scripts.sweep
         return _expired(await self._arun(lambda: script(*self._keys)))
 
     async def aacknowledge(self, ids: Sequence[str]) -> None:
         """Async :meth:`acknowledge` on the asyncio client."""
         if not ids:
             return
-        pair = self._async_scripts()
-        if pair is None:
+        scripts = self._async_scripts()
+        if scripts is None:
             await asyncio.to_thread(self.acknowledge, ids)
             return
-        script, keys = pair[1].acknowledge, self._keys
+        script, keys = scripts.acknowledge, self._keys
         await self._arun(lambda: script(*keys, *ids))
 
     async def aclose(self) -> None:
