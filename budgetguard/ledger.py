@@ -47,8 +47,6 @@ from typing import TYPE_CHECKING, Any
 from budgetguard import ledger_query as _query
 from budgetguard import ledger_sinks as _sinks
 from budgetguard.ledger_records import (  # noqa: F401  (re-exported: ledger.X keeps working)
-    CHARGE_FIELDS,
-    EXPIRED,
     LEDGER_ENV,
     OUTCOMES,
     LedgerError,
@@ -57,7 +55,6 @@ from budgetguard.ledger_records import (  # noqa: F401  (re-exported: ledger.X k
     check_ledger_path,
     default_ledger_location,
     default_ledger_path,
-    is_ledger_url,
 )
 
 if TYPE_CHECKING:  # at run time these come from the module __getattr__ below
@@ -66,8 +63,6 @@ if TYPE_CHECKING:  # at run time these come from the module __getattr__ below
     from budgetguard.ledger_sinks import JSONLSink, MemorySink, Sink, SQLiteSink
 
 __all__ = [
-    "CHARGE_FIELDS",
-    "EXPIRED",
     "OUTCOMES",
     "AccuracyRow",
     "JSONLSink",
@@ -83,7 +78,6 @@ __all__ = [
     "check_ledger_path",
     "default_ledger_location",
     "default_ledger_path",
-    "is_ledger_url",
     "open_ledger",
 ]
 

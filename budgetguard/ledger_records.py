@@ -339,6 +339,3 @@ def default_ledger_location() -> str | Path:
     env = os.environ.get(LEDGER_ENV, "")
     return env if is_ledger_url(env) else default_ledger_path()
 
-
-# Submodules import the names above from this (possibly half-initialised) module, so they
-# are imported as modules, after those names exist, and used through attribute access.

@@ -62,7 +62,6 @@ class Sink(Protocol):
         ...
 
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class JSONLSink:
@@ -91,7 +90,7 @@ class JSONLSink:
 
     def write(self, records: Sequence[LedgerRecord]) -> None:
         """Append ``records``, one line each, in a single write."""
-        data = "".join(_dumps({**r.to_dict(), "v": 1}) + "\n" for r in records).encode()
+        data = "".join(_sql.compact_json({**r.to_dict(), "v": 1}) + "\n" for r in records).encode()
         with self._lock:
             if self._fd is None or self._pid != os.getpid():
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

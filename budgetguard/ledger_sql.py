@@ -27,7 +27,7 @@ repeated ones (history written before the rule below existed) as they were.
 process killed after the settle loses nothing. A process killed between the two leaves a
 lease the store later sweeps, charging the reserved amount; the ``expired`` record of the
 sweep then meets the call's own record under the same ``run_key``, and :data:`UPSERT` merges
-them: the charge (:data:`~budgetguard.ledger.CHARGE_FIELDS`) from the ``expired`` one, which is
+them: the charge (:data:`~budgetguard.ledger_records.CHARGE_FIELDS`) from the ``expired`` one, which is
 what the store charged, and everything that describes the call (time, runs, scope, metadata)
 from the other, whichever arrives first. A repeat of the same kind changes nothing (a
 retried write, or a second sweep report).
@@ -50,6 +50,7 @@ __all__ = [
     "Dialect",
     "PostgresDialect",
     "canon_json",
+    "compact_json",
     "from_row",
     "to_row",
 ]
@@ -68,7 +69,6 @@ class Dialect:
     """The ledger's statements, in SQLite's words; :class:`PostgresDialect` overrides the few
     that PostgreSQL says otherwise (JSON access, types, parameter markers)."""
 
-    name = "sqlite"
     param = "?"
     """The parameter marker."""
     json_param = "?"
@@ -191,7 +191,6 @@ _SQLITE_TYPES = {"true": "boolean", "false": "boolean", "integer": "number", "re
 class PostgresDialect(Dialect):
     """PostgreSQL: ``jsonb`` columns, ``%s`` markers, identity keys."""
 
-    name = "postgresql"
     param = "%s"
     json_param = "%s::jsonb"
     id_column = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
@@ -238,7 +237,8 @@ def canon_json(value: Any) -> str:
 SQLITE = Dialect()
 POSTGRES = PostgresDialect()
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""JSON text with no spaces and non-ASCII kept: how the ledger stores JSON, in every sink."""
 
 
 def to_row(rec: LedgerRecord) -> tuple[Any, ...]:
@@ -249,7 +249,7 @@ def to_row(rec: LedgerRecord) -> tuple[Any, ...]:
     """
     data = rec.to_dict()
     for name in JSON_FIELDS:
-        data[name] = _dumps(data[name])
+        data[name] = compact_json(data[name])
     data["day"] = _utc_day(data["ts"])
     data["scope_key"] = rec.scope_key
     data["run_key"] = data["run_id"]

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from budgetguard.errors import ConfigurationError
+from budgetguard.ledger_records import EXPIRED
 from budgetguard.tickets import Call, Ticket, flat_scope
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def record_expired(ledger: Any, prices: PriceTable, lease: ExpiredLease, now: fl
             model_requested=model,
             model_used=model,
             policy=None,
-            outcome="expired",
+            outcome=EXPIRED,
             estimated_input_tokens=int(est_in),
             estimated_output_tokens=int(est_out),
             input_tokens=int(est_in),
