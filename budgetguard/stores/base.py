@@ -50,7 +50,7 @@ on the file (a high-water mark kept in the file). The Redis store uses the serve
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -474,6 +474,15 @@ class Store(Protocol):
         ...
 
 
+def touched_specs(items: Sequence[Charge] | Sequence[Held]) -> Iterator[BucketSpec]:
+    """The buckets that charges (or what a reservation holds) touch: each item's bucket, then
+    its lender's when it has one (a bucket two items touch comes twice)."""
+    for item in items:
+        yield item.bucket
+        if item.lender is not None:
+            yield item.lender
+
+
 def bucket_keys(items: Sequence[Charge] | Sequence[Held]) -> list[str]:
     """The keys of the buckets that charges (or what a reservation holds) touch.
 
@@ -481,9 +490,4 @@ def bucket_keys(items: Sequence[Charge] | Sequence[Held]) -> list[str]:
     """
     if len(items) == 1 and items[0].lender is None:  # the common case
         return [items[0].bucket.key]
-    keys: dict[str, None] = {}
-    for item in items:
-        keys[item.bucket.key] = None
-        if item.lender is not None:
-            keys[item.lender.key] = None
-    return list(keys)
+    return list(dict.fromkeys(spec.key for spec in touched_specs(items)))

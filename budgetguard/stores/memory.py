@@ -27,6 +27,7 @@ from budgetguard.stores.base import (
     apply_settle,
     full_after,
     refresh,
+    touched_specs,
 )
 
 __all__ = ["MemoryStore"]
@@ -135,24 +136,19 @@ class MemoryStore:
 
     def _hold(self, held: list[Held]) -> None:
         holds = self._holds
-        for h in held:
-            holds[h.bucket.key] = holds.get(h.bucket.key, 0) + 1
-            if h.lender is not None:
-                holds[h.lender.key] = holds.get(h.lender.key, 0) + 1
+        for spec in touched_specs(held):
+            holds[spec.key] = holds.get(spec.key, 0) + 1
 
     def _release(self, held: list[Held], now: float) -> None:
         """Drop a settled reservation's holds and schedule the buckets it wrote."""
         holds = self._holds
-        for h in held:
-            for spec in (h.bucket, h.lender):
-                if spec is None:
-                    continue
-                left = holds[spec.key] - 1
-                if left:
-                    holds[spec.key] = left
-                else:
-                    del holds[spec.key]
-                self._schedule(spec, now)
+        for spec in touched_specs(held):
+            left = holds[spec.key] - 1
+            if left:
+                holds[spec.key] = left
+            else:
+                del holds[spec.key]
+            self._schedule(spec, now)
 
     def _schedule(self, spec: BucketSpec, now: float) -> None:
         """Check ``spec``'s bucket again when it should be full (unless a check is due already)."""
@@ -210,10 +206,8 @@ class MemoryStore:
             self._forgotten = 0
 
     def _schedule_charges(self, request: ReserveRequest, now: float) -> None:
-        for charge in request.charges:
-            self._schedule(charge.bucket, now)
-            if charge.lender is not None:
-                self._schedule(charge.lender, now)
+        for spec in touched_specs(request.charges):
+            self._schedule(spec, now)
 
     # -- protocol -------------------------------------------------------------------
 

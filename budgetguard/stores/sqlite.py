@@ -87,6 +87,7 @@ from budgetguard.stores.base import (
     apply_reserve,
     apply_settle,
     bucket_keys,
+    touched_specs,
     full_after,
     refresh,
 )
@@ -187,10 +188,8 @@ _Holds = dict[str, tuple[int, BucketSpec]]
 
 def _count_holds(held: Sequence[Held], sign: int, into: _Holds) -> _Holds:
     """Add ``sign`` per charge of ``held`` to its bucket, and to its lender when it lent."""
-    for h in held:
-        for spec in (h.bucket, h.lender):
-            if spec is not None:
-                into[spec.key] = (into.get(spec.key, (0, spec))[0] + sign, spec)
+    for spec in touched_specs(held):
+        into[spec.key] = (into.get(spec.key, (0, spec))[0] + sign, spec)
     return into
 
 _RESERVED = ReserveResult(True)
