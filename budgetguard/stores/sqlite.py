@@ -518,17 +518,21 @@ class SQLiteStore:
                 if _is_busy(exc) and time.monotonic() - started < self.busy_timeout / 2:
                     raise _Contended(exc) from exc
                 raise
-            try:
-                result = body(cursor, self._clock_time(), *args)  # time read while holding the lock
-                cursor.execute("COMMIT")
-            except BaseException:
-                if cursor.connection.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):  # the connection may be gone
-                        cursor.execute("ROLLBACK")
-                raise
-            return result
+            return self._committed(cursor, body, args)
         finally:
             lock.release()
+
+    def _committed(self, cursor: sqlite3.Cursor, body: Callable[..., T], args: tuple[object, ...]) -> T:
+        """Run ``body`` in the transaction just begun and commit it (rolled back on any failure)."""
+        try:
+            result = body(cursor, self._clock_time(), *args)  # time read while holding the lock
+            cursor.execute("COMMIT")
+        except BaseException:
+            if cursor.connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):  # the connection may be gone
+                    cursor.execute("ROLLBACK")
+            raise
+        return result
 
     def _at_once(self, body: Callable[..., T], *args: object) -> T | object:
         """Run ``body`` like :meth:`_write`, on this thread, if it can start without waiting.
@@ -560,17 +564,9 @@ class SQLiteStore:
                 cursor = self._local.at_once = conn.cursor()
             try:
                 cursor.execute("BEGIN IMMEDIATE")
-                try:
-                    result = body(cursor, self._clock_time(), *args)
-                    cursor.execute("COMMIT")
-                except BaseException:
-                    if cursor.connection.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            cursor.execute("ROLLBACK")
-                    raise
+                return self._committed(cursor, body, args)
             except sqlite3.Error:  # busy, or an error the worker's attempt will report
                 return _WOULD_WAIT
-            return result
         finally:
             lock.release()
 
