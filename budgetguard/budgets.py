@@ -149,12 +149,17 @@ class Budget:
         """The scope key this budget is split by (``None`` for a global budget)."""
         return self._scope_name
 
-    def scope_for(self, config: Mapping[str, Any], context: Mapping[str, Any] | None = None) -> dict[str, str]:
+    def scope_for(
+        self,
+        config: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+        fallback: Mapping[str, Any] | None = None,
+    ) -> dict[str, str]:
         """Return this budget's scope for a run config, e.g. ``{"user_id": "alice"}``.
 
-        A named key is looked up in ``context`` first (what the adapter knows of the run: its
-        id as ``"run"``, an agent's runtime context), then ``config["configurable"]``, then
-        ``config["metadata"]``.
+        A named key is looked up in ``context`` first (an agent's runtime context), then
+        ``config["configurable"]``, then ``config["metadata"]``, then ``fallback`` (what the
+        adapter knows of the run when nothing names it: its id as ``"run"``).
 
         Raises:
             MissingScopeError: The budget is per-key and the config names no value for it.
@@ -179,6 +184,8 @@ class Budget:
                 value = (config.get("configurable") or {}).get(key)
             if value is None:
                 value = (config.get("metadata") or {}).get(key)
+            if value is None and fallback:
+                value = fallback.get(key)
         if value is None or value == "":
             msg = (
                 f"budget '{self.name}' is per {key!r} but this run gives no {key!r}; pass it as "

@@ -130,18 +130,16 @@ class BudgetEngine:
         Args:
             config: The run config (``configurable``, then ``metadata``).
             context: Values looked up first (an agent's runtime context).
-            run: The run's id, for ``per="run"`` budgets, unless ``context`` or the config's
-                ``configurable`` names the run the call belongs to (a summary written for a
-                call of that run).
+            run: The run's id, for ``per="run"`` budgets, unless ``context`` or the config
+                names the run the call belongs to (a summary written for a call of that run).
             tools: Resolve the ``"tool_calls"`` budgets' scopes instead of the model calls'.
 
         Raises:
             MissingScopeError: A per-key budget has no value for its key.
             InvalidScopeError: A scope value is not a string, an integer or a UUID.
         """
-        if run is not None and RUN_SCOPE not in (context or {}) and RUN_SCOPE not in (config.get("configurable") or {}):
-            context = {**(context or {}), RUN_SCOPE: run}  # the run, unless the caller names the one it belongs to
-        return {b.name: b.scope_for(config, context) for b in (self._per_key_tools if tools else self._per_key)}
+        fallback = {RUN_SCOPE: run} if run is not None else None
+        return {b.name: b.scope_for(config, context, fallback) for b in (self._per_key_tools if tools else self._per_key)}
 
     def _spec(self, budget: Budget, scope: Mapping[str, str], now: float | None = None) -> BucketSpec:
         """The bucket of ``budget`` for ``scope``, as of ``now`` (kept until its period ends)."""

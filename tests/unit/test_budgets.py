@@ -184,3 +184,11 @@ def test_utc_default_timezone() -> None:
 def test_a_usd_refusal_tells_cheap_amounts_apart() -> None:
     err = BudgetExceeded("usd", unit="usd", requested=0.0000375, available=0.0000122, retry_after=None)
     assert "needs $0.0000375, $0.0000122 available" in str(err)
+
+
+def test_a_call_keeps_the_run_it_names_wherever_it_names_it() -> None:
+    guard = BudgetGuard([Budget("per-run", limit=1, per="run")], ledger=False)
+    for config in ({"configurable": {"run": "r1"}}, {"metadata": {"run": "r1"}}):
+        assert guard.scopes_for(config, run="this-call") == {"per-run": {"run": "r1"}}
+    assert guard.scopes_for({}, {"run": "r1"}, run="this-call") == {"per-run": {"run": "r1"}}
+    assert guard.scopes_for({}, run="this-call") == {"per-run": {"run": "this-call"}}
