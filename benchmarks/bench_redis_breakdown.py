@@ -161,7 +161,7 @@ def async_cases(store: Any, ops: int) -> dict[str, Callable[[int], Any]]:
     """Each case: round -> coroutine function of i (run one at a time on the store's loop)."""
 
     def scripts() -> Any:
-        return store._async_scripts()[1]
+        return store._async_scripts()
 
     def raw_reserve(r: int) -> Any:
         payloads = [store._reserve_payload(ReserveRequest(f"ar-{r}-{i}", ONE, 600.0)) for i in range(ops)]

@@ -118,7 +118,8 @@ async def test_an_async_url_store_waits_for_a_connection_then_gives_up(redis_ser
     store = RedisStore(redis_server.url, namespace=f"await-{uuid.uuid4().hex[:10]}", max_connections=1, pool_timeout=0.4)
     spec = BucketSpec("w", 100.0)
     try:
-        pool = store._async_scripts()[0].connection_pool  # this loop's client, before its first call
+        store._async_scripts()  # this loop's client, made before its first call
+        pool = store._loops[asyncio.get_running_loop()][0].connection_pool
         held = await pool.get_connection()  # the only connection: the pipeline's first call waits
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="max_connections=1"):
